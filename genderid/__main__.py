@@ -1,0 +1,5 @@
+import sys
+
+from genderid.cli import main
+
+sys.exit(main())

@@ -1,0 +1,118 @@
+"""The ``genderid`` command line: parse -> build -> run -> report. Heavy imports happen inside each command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 178x218, got {text!r}") from None
+    return width, height
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from genderid.synth import write_synthetic_celeba
+
+    out = write_synthetic_celeba(args.out, n=args.n, seed=args.seed, size=args.size)
+    print(f"wrote {args.n} synthetic images ({args.size[0]}x{args.size[1]}) in the CelebA layout to {out}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from genderid.prepare import prepare
+
+    manifest = prepare(args.celeba, args.out, recipe=args.split, per_class=args.per_class,
+                       test_per_class=args.test_per_class, seed=args.seed, rows_per_shard=args.rows_per_shard)
+    counts = ", ".join(f"{name} {c['total']} ({c['male']} male)" for name, c in manifest["counts"].items())
+    print(f"prepared {manifest['rows']} rows in {len(manifest['files'])} shard(s) at {args.out}: {counts}; "
+          f"skipped {manifest['skipped']['count']} unreadable image(s)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from genderid.predictor import Predictor
+
+    if not args.checkpoint:
+        print("genderid predict: --checkpoint is required (the --url client comes with the Serve endpoint)",
+              file=sys.stderr)
+        return 2
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+    images = [Path(p).read_bytes() for p in args.images]
+    for path, prediction in zip(args.images, predictor.predict(images)):
+        print(json.dumps({"image": path, **prediction.to_dict(predictor.model_version)}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from genderid.demo import run_demo
+
+    run_demo(workdir=args.workdir, celeba=args.celeba, n=args.n)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genderid", description="Train, tune and serve a CelebA gender classifier "
+                                                                   "on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="the main job end to end on synthetic (or --celeba) data")
+    demo.add_argument("--celeba", help="a CelebA folder to use instead of synthetic data")
+    demo.add_argument("--workdir", default="runs/demo", help="where every output goes (default: runs/demo)")
+    demo.add_argument("--n", type=int, default=800, help="synthetic images to make (default: 800)")
+    demo.set_defaults(handler=cmd_demo)
+
+    synth = commands.add_parser("synth", help="write a synthetic data set in the official CelebA layout")
+    synth.add_argument("out")
+    synth.add_argument("--n", type=int, default=1000, help="number of images (default: 1000)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=_size, default=(178, 218), help="WIDTHxHEIGHT (default: 178x218)")
+    synth.set_defaults(handler=cmd_synth)
+
+    prepare = commands.add_parser("prepare", help="CelebA folder (local or s3://) -> Parquet shards")
+    prepare.add_argument("--celeba", required=True, help="CelebA folder or s3:// prefix")
+    prepare.add_argument("--out", required=True, help="destination folder or s3:// prefix")
+    prepare.add_argument("--split", choices=("official", "balanced"), default="official",
+                         help="official: list_eval_partition.txt; balanced: the seed study's recipe")
+    prepare.add_argument("--per-class", type=int, default=20000, help="balanced: train+val images per class")
+    prepare.add_argument("--test-per-class", type=int, default=500, help="balanced: test images per class")
+    prepare.add_argument("--seed", type=int, default=0, help="balanced: seed of the train/val shuffle")
+    prepare.add_argument("--rows-per-shard", type=int, default=2000)
+    prepare.set_defaults(handler=cmd_prepare)
+
+    predict = commands.add_parser("predict", help="label + probability per image")
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--checkpoint", help="checkpoint directory, s3:// URI or best.json")
+    predict.set_defaults(handler=cmd_predict)
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story for the user: printed without a traceback."""
+    from genderid.celeba import CelebaFormatError
+    from genderid.checkpoint import CheckpointError
+    from genderid.config import ConfigError
+    from genderid.model import WeightsUnavailableError
+    from genderid.shards import DatasetError
+
+    return (ConfigError, CelebaFormatError, DatasetError, CheckpointError, WeightsUnavailableError,
+            FileNotFoundError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except user_errors() as exc:
+        print(f"genderid {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

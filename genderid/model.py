@@ -1,0 +1,145 @@
+"""VGG16 with the seed study's head, a width multiplier and an unfreeze depth. Pure PyTorch.
+
+The backbone is torchvision's VGG16 feature stack (``make_layers`` with configuration "D"), so a width-1.0
+model's ``features.*`` keys are exactly torchvision's and its ImageNet weights load unchanged. ``width`` scales
+every layer's channels but keeps the five-block structure. Blocks that do not train run under ``no_grad`` and
+stay in eval mode, so they cost no autograd memory and their BatchNorm statistics stay fixed.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+from torchvision.models import VGG16_BN_Weights, VGG16_Weights
+from torchvision.models.vgg import cfgs, make_layers
+
+LABELS = ("female", "male")  # class index 1 = CelebA's Male attribute
+NUM_BLOCKS = 5
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The requested pretrained weights cannot be found or downloaded."""
+
+
+class GenderNet(nn.Module):
+    """VGG16 features -> global average pool -> Linear(hidden) -> ReLU -> BatchNorm1d -> Linear(2)."""
+
+    def __init__(self, width: float = 1.0, batch_norm: bool = False, head_hidden: int = 128,
+                 unfreeze_depth: int = NUM_BLOCKS, dropout: float = 0.0):
+        super().__init__()
+        if not 0 <= unfreeze_depth <= NUM_BLOCKS:
+            raise ValueError(f"unfreeze_depth must be 0-{NUM_BLOCKS}, got {unfreeze_depth}")
+        # Constructor arguments, so a checkpoint can rebuild exactly this model.
+        self.architecture = {"width": width, "batch_norm": batch_norm, "head_hidden": head_hidden, "dropout": dropout}
+        layout = [v if v == "M" else max(1, int(round(v * width))) for v in cfgs["D"]]
+        self.features = make_layers(layout, batch_norm=batch_norm)
+        # Index in `features` after each block's max-pool: blocks are features[bounds[i]:bounds[i+1]].
+        pools = [i for i, layer in enumerate(self.features) if isinstance(layer, nn.MaxPool2d)]
+        self.block_bounds = [0] + [p + 1 for p in pools]
+        channels = [v for v in layout if v != "M"][-1]
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, head_hidden), nn.ReLU(inplace=True),
+            nn.BatchNorm1d(head_hidden), nn.Dropout(dropout), nn.Linear(head_hidden, len(LABELS)),
+        )
+        self.unfreeze_depth = unfreeze_depth
+        self.set_unfreeze_depth(unfreeze_depth)
+
+    def block(self, index: int) -> nn.Sequential:
+        """Conv block ``index`` (0-4) of the backbone."""
+        return self.features[self.block_bounds[index]:self.block_bounds[index + 1]]
+
+    @property
+    def frozen_blocks(self) -> int:
+        return NUM_BLOCKS - self.unfreeze_depth
+
+    def set_unfreeze_depth(self, depth: int) -> None:
+        """Let the last ``depth`` conv blocks and the head train; freeze the rest."""
+        self.unfreeze_depth = depth
+        for index in range(NUM_BLOCKS):
+            for param in self.block(index).parameters():
+                param.requires_grad_(index >= self.frozen_blocks)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "GenderNet":
+        super().train(mode)
+        for index in range(self.frozen_blocks):
+            self.block(index).eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        split = self.block_bounds[self.frozen_blocks]
+        if split:
+            with torch.no_grad():
+                x = self.features[:split](x)
+        x = self.features[split:](x)
+        return self.head(x)
+
+
+def _imagenet_state_dict(batch_norm: bool) -> dict[str, torch.Tensor]:
+    weights = VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as exc:  # offline: URLError / OSError from the download
+        raise WeightsUnavailableError(
+            f"ImageNet VGG16 weights are not cached at {cached} and could not be downloaded ({exc}). "
+            f"Download {weights.url} to that path on a machine with internet access, or set "
+            f"model.weights to a local path or s3:// URI of that file.") from None
+
+
+def _file_state_dict(location: str) -> dict[str, torch.Tensor]:
+    from genderid import storage  # pyarrow: imported only when a file is named
+
+    if not storage.exists(location):
+        raise WeightsUnavailableError(f"model.weights: {location} does not exist")
+    state = torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"model.weights: {location} does not hold a state dict")
+    return state
+
+
+def load_backbone_weights(model: GenderNet, weights: str) -> None:
+    """Load ``features.*`` from ``imagenet``, a path or an ``s3://`` URI of a torchvision VGG16 state dict."""
+    if weights == "none":
+        return
+    batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in model.features)
+    state = _imagenet_state_dict(batch_norm) if weights == "imagenet" else _file_state_dict(weights)
+    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    try:
+        model.features.load_state_dict(features, strict=True)
+    except RuntimeError as exc:
+        raise WeightsUnavailableError(f"model.weights: {weights} does not fit this VGG16 layout: {exc}") from None
+
+
+def build_model(model_config, load_weights: bool = True) -> GenderNet:
+    """Build the model a :class:`genderid.config.ModelConfig` describes (pretrained weights included)."""
+    model = GenderNet(width=model_config.width, batch_norm=model_config.batch_norm,
+                      head_hidden=model_config.head_hidden, unfreeze_depth=model_config.unfreeze_depth,
+                      dropout=model_config.dropout)
+    if load_weights:
+        load_backbone_weights(model, model_config.weights)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def flops_per_image(model: GenderNet, image_size: tuple[int, int]) -> float:
+    """Multiply-adds x 2 of one forward pass (convolutions and linear layers), for throughput reports."""
+    total = 0.0
+    height, width = image_size
+    for layer in model.features:
+        if isinstance(layer, nn.Conv2d):
+            total += 2.0 * layer.in_channels * layer.out_channels * 9 * height * width
+        elif isinstance(layer, nn.MaxPool2d):
+            height, width = height // 2, width // 2
+    for layer in model.head:
+        if isinstance(layer, nn.Linear):
+            total += 2.0 * layer.in_features * layer.out_features
+    return total

@@ -1,0 +1,127 @@
+"""The one preprocessing definition: decode -> RGB -> resize/crop -> ImageNet normalisation (+ train augmentation).
+
+Ray Data's decode step, evaluation and the Serve predictor all call :class:`Preprocessing`, and checkpoints store
+its :meth:`Preprocessing.to_dict`, so a model is always fed exactly as it was trained. Pure PIL + numpy.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ImageInput = Union[bytes, bytearray, memoryview, Image.Image]
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are empty, corrupt or not an image."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: grayscale, CMYK, palette, RGBA/LA (on white), 16-bit and float images."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL's convert("L") clips 16-bit values at 255; scale the real range into 0-255 instead.
+        array = np.asarray(img, dtype=np.float64)
+        high = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if img.mode == "F":
+            high = max(float(array.max()), 1.0)
+        img = Image.fromarray(np.clip(array / high * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(data: ImageInput, draft_size: Optional[tuple[int, int]] = None) -> Image.Image:
+    """Decode bytes (or take a PIL image), apply its EXIF orientation and return it as RGB.
+
+    ``draft_size`` (width, height) lets JPEG decode at a reduced scale, for photos far larger than needed.
+    """
+    if isinstance(data, Image.Image):
+        img = data
+    else:
+        if not data:
+            raise ImageDecodeError("empty image")
+        try:
+            img = Image.open(io.BytesIO(bytes(data)))
+            if draft_size is not None and img.format == "JPEG":
+                img.draft("RGB", draft_size)
+            img.load()
+        except Image.DecompressionBombError:
+            raise
+        except Exception as exc:  # PIL raises many types for corrupt input
+            raise ImageDecodeError(f"cannot decode image: {exc}") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not make a good image unusable
+        pass
+    return to_rgb(img)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw images become model input; stored in every checkpoint."""
+
+    image_size: tuple[int, int] = (218, 178)  # (height, width)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    flip_prob: float = 0.5  # train augmentation
+    crop_scale: tuple[float, float] = (0.85, 1.0)  # train augmentation: area fraction of the random resized crop
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Preprocessing":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def resize(self, img: Image.Image, rng: Optional[np.random.Generator] = None) -> Image.Image:
+        """Scale to cover ``image_size`` and crop (centre, or a mild random resized crop when ``rng`` is given)."""
+        height, width = self.image_size
+        src_w, src_h = img.size
+        target_aspect = width / height
+        if rng is None:
+            crop_w, crop_h = src_w, src_h
+            if src_w / src_h > target_aspect:
+                crop_w = src_h * target_aspect
+            else:
+                crop_h = src_w / target_aspect
+            left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
+        else:
+            area = src_w * src_h * rng.uniform(*self.crop_scale)
+            aspect = target_aspect * float(np.exp(rng.uniform(np.log(0.95), np.log(1.05))))
+            crop_w = min(src_w, np.sqrt(area * aspect))
+            crop_h = min(src_h, np.sqrt(area / aspect))
+            left, top = rng.uniform(0, src_w - crop_w), rng.uniform(0, src_h - crop_h)
+        box = (left, top, left + crop_w, top + crop_h)
+        return img.resize((width, height), Image.BILINEAR, box=box, reducing_gap=3.0)
+
+    def draft_size(self) -> tuple[int, int]:
+        height, width = self.image_size
+        return width, height
+
+    def __call__(self, data: ImageInput, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+        """One image -> float32 CHW array, normalised. Passing ``rng`` turns on train augmentation."""
+        img = self.resize(open_image(data, draft_size=self.draft_size()), rng)
+        if rng is not None and rng.random() < self.flip_prob:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        array = np.asarray(img, dtype=np.float32) / 255.0
+        array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    def batch(self, images: Iterable[ImageInput], rng: Optional[np.random.Generator] = None) -> np.ndarray:
+        """Many images -> float32 NCHW array."""
+        arrays = [self(image, rng) for image in images]
+        if not arrays:
+            height, width = self.image_size
+            return np.zeros((0, 3, height, width), np.float32)
+        return np.stack(arrays)

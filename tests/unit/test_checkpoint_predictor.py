@@ -1,0 +1,93 @@
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genderid.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from genderid.model import GenderNet
+from genderid.predictor import Predictor
+from genderid.preprocess import Preprocessing
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = GenderNet(width=0.1, batch_norm=True, unfreeze_depth=3, head_hidden=16).eval()
+    model(torch.randn(4, 3, 32, 32))  # non-default BatchNorm statistics must survive too
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    path = save_checkpoint(tmp_path / "ckpt", model, preprocessing=Preprocessing(image_size=(32, 32)),
+                           config={"model": {"width": 0.1}}, metrics={"val_accuracy": 0.9}, epoch=3,
+                           train_state={"optimizer": optimizer.state_dict(), "epoch": 3})
+    return path, model
+
+
+def jpeg(colour, size=(40, 48)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_round_trip_rebuilds_the_same_model(checkpoint):
+    path, model = checkpoint
+    loaded = load_checkpoint(str(path), with_train_state=True)
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.allclose(loaded.model(x), model.eval()(x))
+    assert loaded.model.unfreeze_depth == 3
+    assert loaded.preprocessing == Preprocessing(image_size=(32, 32))
+    assert loaded.labels == ["female", "male"] and loaded.meta["epoch"] == 3
+    assert loaded.meta["metrics"] == {"val_accuracy": 0.9} and loaded.meta["config"]["model"]["width"] == 0.1
+    assert loaded.train_state["epoch"] == 3 and "state" in loaded.train_state["optimizer"]
+    assert len(loaded.version) == 12
+
+
+def test_tampered_weights_are_refused(checkpoint):
+    path, _ = checkpoint
+    weights = path / "model.pt"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(str(path))
+
+
+def test_tampered_train_state_is_refused(checkpoint):
+    path, _ = checkpoint
+    (path / "train_state.pt").write_bytes(b"x" + (path / "train_state.pt").read_bytes())
+    load_checkpoint(str(path))  # the model alone still loads
+    with pytest.raises(CheckpointError, match="train state"):
+        load_checkpoint(str(path), with_train_state=True)
+
+
+def test_missing_and_unfinished_checkpoints(tmp_path, checkpoint):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(str(tmp_path / "nope"))
+    path, _ = checkpoint
+    (path / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="meta.json not found"):
+        load_checkpoint(str(path))
+
+
+def test_best_json_pointer(tmp_path, checkpoint):
+    path, _ = checkpoint
+    pointer = tmp_path / "best.json"
+    pointer.write_text(json.dumps({"checkpoint": str(path), "metrics": {}, "config": {}}))
+    assert read_meta(str(pointer))["epoch"] == 3
+    assert load_checkpoint(str(pointer)).source == str(path)
+    pointer.write_text("{}")
+    with pytest.raises(CheckpointError, match="needs a 'checkpoint' key"):
+        load_checkpoint(str(pointer))
+
+
+def test_predictor_takes_bytes_and_pil_images_in_batches(checkpoint):
+    path, model = checkpoint
+    predictor = Predictor.from_checkpoint(str(path), batch_size=2)
+    images = [jpeg("white"), Image.new("L", (30, 30), 20), jpeg("red"), jpeg((0, 90, 200))]
+    predictions = predictor.predict(images)
+    assert len(predictions) == 4
+    expected = torch.softmax(model.eval()(torch.from_numpy(predictor.preprocess(images))), 1)[:, 1].detach().numpy()
+    assert np.allclose([p.p_male for p in predictions], expected, atol=1e-5)
+    assert all(p.label == ("male" if p.p_male >= 0.5 else "female") for p in predictions)
+    assert predictions[0].to_dict("v1")["model_version"] == "v1"
