@@ -54,7 +54,7 @@ def architecture(model: GenderNet) -> dict:
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, *, preprocessing: Preprocessing,
                     config: Optional[dict] = None, metrics: Optional[dict] = None, epoch: Optional[int] = None,
-                    train_state: Optional[dict] = None) -> Path:
+                    train_state: Optional[dict] = None, history: Optional[list] = None) -> Path:
     """Write a checkpoint into a local ``directory`` (created if needed); returns it.
 
     ``model`` may be wrapped (DDP): its ``module`` is saved. ``meta.json`` is written last, so a directory
@@ -70,7 +70,7 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, *, preprocess
         "weights_file": WEIGHTS_FILE, "weights_sha256": _sha256(weights),
         "architecture": architecture(model), "preprocessing": preprocessing.to_dict(),
         "labels": list(LABELS), "config": config or {}, "metrics": metrics or {}, "epoch": epoch,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "history": history or [], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if train_state is not None:
         state = _serialise(train_state)

@@ -34,6 +34,39 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace):
+    from genderid.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from genderid.train_ray import run_training
+
+    config = _config(args)
+    best = run_training(config)
+    m = best["metrics"]
+    print(f"best checkpoint (epoch {m.get('epoch')}, val_loss {m.get('val_loss'):.4f}, "
+          f"val_accuracy {m.get('val_accuracy'):.4f}): {best['checkpoint']}")
+    if not args.no_evaluate:
+        from genderid.evaluate import default_split, evaluate_checkpoint
+
+        out = args.report_dir or f"{best['checkpoint'].rstrip('/')}-report"
+        report = evaluate_checkpoint(best["checkpoint"], config.data.source, out, default_split(config.data.source))
+        print(f"{report['split']} accuracy {report['accuracy']:.4f}, AUC {report['auc']:.4f}; report: {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from genderid.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.out, split=args.split)
+    print(f"{report['split']} split: accuracy {report['accuracy']:.4f}, balanced accuracy "
+          f"{report['balanced_accuracy']:.4f}, AUC {report['auc']:.4f} on {report['count']} images; "
+          f"report: {args.out}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -85,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--seed", type=int, default=0, help="balanced: seed of the train/val shuffle")
     prepare.add_argument("--rows-per-shard", type=int, default=2000)
     prepare.set_defaults(handler=cmd_prepare)
+
+    train = commands.add_parser("train", help="Ray Train run; writes best.json and a test report")
+    train.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
+    train.add_argument("--no-evaluate", action="store_true", help="skip evaluating the best checkpoint")
+    train.add_argument("--report-dir", help="where the evaluation report goes (default: beside the checkpoint)")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="report.json + plots for a checkpoint on a prepared split")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory, s3:// URI or best.json")
+    evaluate.add_argument("--data", required=True, help="prepared data set (path or s3://)")
+    evaluate.add_argument("--out", required=True, help="output folder (path or s3://)")
+    evaluate.add_argument("--split", choices=("test", "val", "train"), default="test")
+    evaluate.set_defaults(handler=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="label + probability per image")
     predict.add_argument("images", nargs="+", metavar="IMAGE")

@@ -66,8 +66,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
     for step, batch in enumerate(batches):
         if max_steps is not None and step >= max_steps:
             break
-        images = options.images(batch)
         labels = batch["male"].to(options.device, non_blocking=True).long()
+        if labels.shape[0] < 2:  # BatchNorm cannot train on one example (a shard's last, odd batch)
+            continue
+        images = options.images(batch)
         with options.autocast():
             logits = model(images)
             loss = loss_fn(logits.float(), labels)

@@ -1,0 +1,56 @@
+"""Ray Data glue: prepared Parquet -> decoded, preprocessed splits. The decode step is :mod:`genderid.batches`."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from genderid import shards
+from genderid.batches import to_model_batch
+from genderid.celeba import ATTRIBUTES, SPLITS
+from genderid.preprocess import Preprocessing
+
+READ_COLUMNS = ["image_id", "image", "male", "split", *ATTRIBUTES]
+
+
+class Decode:
+    """``map_batches`` callable: Parquet columns -> model arrays (+ ``image_id``), augmenting when asked."""
+
+    def __init__(self, preprocessing: Preprocessing, augment: bool, keep_attributes: bool):
+        self.preprocessing = preprocessing
+        self.augment = augment
+        self.keep_attributes = keep_attributes
+
+    def __call__(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng() if self.augment else None
+        batch = to_model_batch(columns, self.preprocessing, rng)
+        if not self.keep_attributes:
+            batch.pop("attributes")
+        batch["image_id"] = np.asarray(columns["image_id"]).astype(str)
+        return batch
+
+
+def load_split(source: str, split: str, preprocessing: Preprocessing, augment: bool = False,
+               keep_attributes: bool = False, num_cpus: float = 0.25, batch_size: Optional[int] = 64):
+    """One split of a prepared data set as a lazily decoded Ray Dataset."""
+    import ray.data
+    from ray.data.expressions import col
+
+    dataset = ray.data.read_parquet(shards.shard_uris(source)).select_columns(READ_COLUMNS)
+    dataset = dataset.filter(expr=col("split") == SPLITS[split])
+    return dataset.map_batches(Decode(preprocessing, augment, keep_attributes), batch_format="numpy",
+                               batch_size=batch_size, num_cpus=num_cpus)
+
+
+def torch_collate():
+    """``iter_torch_batches`` collate: numeric columns become tensors, ``image_id`` stays a numpy array."""
+    import torch
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class Collate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+            # Ray hands out read-only arrays; torch wants writable memory, so copy only where needed.
+            return {k: v if k == "image_id" else torch.from_numpy(np.require(v, requirements=["C", "W"]))
+                    for k, v in batch.items()}
+
+    return Collate()

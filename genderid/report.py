@@ -1,0 +1,83 @@
+"""Evaluation report: ``report.json`` and PNG plots. Pure (numpy + matplotlib), no Ray."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, str(matrix[i][j]), ha="center", va="center")
+    ax.set_xticks([0, 1], labels)
+    ax.set_yticks([0, 1], labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_subgroups(subgroups: dict, path: Path) -> None:
+    plt = _pyplot()
+    names = [n for n, e in subgroups.items() if e["present"]["accuracy"] is not None]
+    present = [subgroups[n]["present"]["accuracy"] for n in names]
+    absent = [subgroups[n]["absent"]["accuracy"] or 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(8, max(4, 0.22 * len(names))))
+    y = range(len(names))
+    ax.barh([i + 0.2 for i in y], present, height=0.4, label="attribute present")
+    ax.barh([i - 0.2 for i in y], absent, height=0.4, label="attribute absent")
+    ax.set_yticks(list(y), names, fontsize=7)
+    ax.set_xlabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    loss_ax.set_title("loss")
+    acc_ax.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
+    acc_ax.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="val")
+    acc_ax.set_title("accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(directory: Path, report: dict, labels: list[str], history: Optional[list[dict]] = None) -> list[str]:
+    """Write ``report.json`` and the plots into a local folder; returns the file names."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = ["report.json", "confusion_matrix.png"]
+    plot_confusion(report["confusion_matrix"], labels, directory / "confusion_matrix.png")
+    if report.get("subgroups"):
+        plot_subgroups(report["subgroups"], directory / "subgroup_accuracy.png")
+        files.append("subgroup_accuracy.png")
+    if history:
+        plot_history(history, directory / "training_curves.png")
+        files.append("training_curves.png")
+    report = {**report, "files": files}
+    (directory / "report.json").write_text(json.dumps(report, indent=2))
+    return files

@@ -1,0 +1,128 @@
+"""Ray Train on the shared local cluster: tiny config, 2 CPU workers."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import upload_folder
+from genderid import shards
+from genderid.checkpoint import read_meta
+from genderid.cli import main
+from genderid.config import load_config, named_config_path
+from genderid.prepare import prepare
+from genderid.train_ray import run_training
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, tmp_path_factory):
+    """600 synthetic images (48x48), prepared once for this module."""
+    from genderid.synth import write_synthetic_celeba
+
+    root = tmp_path_factory.mktemp("train-data")
+    folder = write_synthetic_celeba(root / "celeba", n=600, seed=2, size=(48, 48))
+    prepare(str(folder), str(root / "prepared"), rows_per_shard=100)
+    return root
+
+
+def tiny(prepared, tmp_path, name, *overrides):
+    return load_config(named_config_path("tiny"), [f"data.source={prepared / 'prepared'}",
+                                                   f"storage.path={tmp_path / 'runs'}", f"storage.name={name}",
+                                                   *overrides])
+
+
+def history_of(tmp_path, name):
+    return json.loads((tmp_path / "runs" / name / "history.json").read_text())
+
+
+def test_shards_are_disjoint_and_complete_loss_falls_and_top_k_is_kept(prepared, tmp_path):
+    record = tmp_path / "seen"
+    record.mkdir()
+    config = tiny(prepared, tmp_path, "learn", "train.epochs=3", "train.early_stopping_patience=0",
+                  "train.keep_checkpoints=2", "train.checkpoint_metric=val_loss")
+    best = run_training(config, hooks={"record_dir": str(record)})
+
+    train_ids = set(shards.read_table(config.data.source).filter(
+        shards.read_table(config.data.source)["split"].to_numpy() == 0)["image_id"].to_pylist())
+    for epoch in (1, 2, 3):
+        per_rank = [json.loads((record / f"epoch{epoch}-rank{r}.json").read_text()) for r in (0, 1)]
+        assert all(len(ids) == len(set(ids)) for ids in per_rank)  # no row twice within a shard
+        assert set(per_rank[0]).isdisjoint(per_rank[1])
+        assert set(per_rank[0]) | set(per_rank[1]) == train_ids
+
+    history = history_of(tmp_path, "learn")
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert read_meta(best["checkpoint"])["history"] == history[:best["metrics"]["epoch"]]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(h["val_count"] == 60 for h in history)  # the whole val split, once, across both workers
+    assert max(h["val_accuracy"] for h in history) > 0.7  # chance is ~0.58 (majority class)
+
+    run_dir = tmp_path / "runs" / "learn"
+    kept = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert len(kept) == 2
+    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"]
+    assert best["metrics"]["epoch"] == best_epoch and Path(best["checkpoint"]).is_dir()
+    assert json.loads((run_dir / "best.json").read_text())["checkpoint"] == best["checkpoint"]
+
+
+def test_early_stopping_follows_the_patience_rule(prepared, tmp_path):
+    config = tiny(prepared, tmp_path, "early", "train.epochs=8", "train.early_stopping_patience=1",
+                  "train.lr=0.05", "train.optimizer=sgd")
+    best = run_training(config)
+    history = history_of(tmp_path, "early")
+    best_loss, stop_at = float("inf"), None
+    for h in history:  # replay the rule on what was reported
+        if h["val_loss"] < best_loss:
+            best_loss = h["val_loss"]
+        else:
+            stop_at = h["epoch"]
+            break
+    assert stop_at is not None and history[-1]["epoch"] == stop_at < 8
+    assert history[-1]["early_stopped"] is True
+
+
+def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(prepared, tmp_path):
+    config = tiny(prepared, tmp_path, "fault", "train.epochs=3", "train.early_stopping_patience=0",
+                  "train.keep_checkpoints=3", "train.max_failures=2")
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    best = run_training(config, hooks={"fail_at_epoch": 2, "marker_dir": str(marker)})
+    assert (marker / "failed").exists()  # the fault did fire
+    history = json.loads((tmp_path / "runs" / "fault" / "best.json").read_text())
+    final = history_of(tmp_path, "fault")
+    assert [h["epoch"] for h in final] == [1, 2, 3]
+    assert [h["start_epoch"] for h in final] == [1, 2, 2]  # epochs 2-3 ran after resuming from epoch 1
+    assert history["checkpoint"] == best["checkpoint"]
+
+
+def test_rerunning_the_same_name_resumes(prepared, tmp_path):
+    run_training(tiny(prepared, tmp_path, "again", "train.epochs=2", "train.early_stopping_patience=0",
+                      "train.keep_checkpoints=3"))
+    best = run_training(tiny(prepared, tmp_path, "again", "train.epochs=3", "train.early_stopping_patience=0",
+                             "train.keep_checkpoints=3"))
+    final = history_of(tmp_path, "again")
+    assert [h["epoch"] for h in final] == [1, 2, 3] and final[-1]["start_epoch"] == 3
+    assert best["checkpoint"]
+
+
+def test_s3_data_and_checkpoints_and_evaluate_reads_them_back(prepared, s3_server, tmp_path, capsys):
+    bucket = s3_server["bucket"]
+    source = upload_folder(prepared / "prepared", f"s3://{bucket}/train-data")
+    config_overrides = [f"data.source={source}", f"storage.path=s3://{bucket}/runs", "storage.name=s3run",
+                        "train.epochs=2", "train.early_stopping_patience=0"]
+    assert main(["train", "--config", str(named_config_path("tiny")), *config_overrides,
+                 "--report-dir", str(tmp_path / "train-report")]) == 0
+    best_json = f"s3://{bucket}/runs/s3run/best.json"
+    from genderid import storage
+
+    best = json.loads(storage.read_bytes(best_json))
+    assert best["checkpoint"].startswith(f"s3://{bucket}/runs/s3run/checkpoint_")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--checkpoint", best_json, "--data", source, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"] == "test" and report["count"] == 60 and report["checkpoint"] == best["checkpoint"]
+    assert set(report["subgroups"]) >= {"Eyeglasses", "Smiling"} and report["largest_gaps"]
+    assert {"confusion_matrix.png", "subgroup_accuracy.png", "training_curves.png"} <= set(report["files"])
+    assert all((out / f).stat().st_size > 1000 for f in report["files"] if f.endswith(".png"))
+    assert "test split: accuracy" in capsys.readouterr().out
