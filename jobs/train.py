@@ -3,8 +3,12 @@
 The same code path as `genderid train`.
 """
 import sys
+from pathlib import Path
 
-from genderid.cli import main
+# Under `ray job submit --working-dir .` the package is not installed: import it from the uploaded tree.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from genderid.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))
