@@ -57,6 +57,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from genderid.tune_ray import run_sweep
+
+    config = _config(args)
+    rows, best = run_sweep(config)
+    columns = ["trial_id", "config/lr", "config/unfreeze_depth", f"best_{config.tune.metric}", "val_loss",
+               "epochs_run", "ended"]
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns))
+    print(f"best trial checkpoint: {best['checkpoint']}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from genderid.evaluate import evaluate_checkpoint
 
@@ -125,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-evaluate", action="store_true", help="skip evaluating the best checkpoint")
     train.add_argument("--report-dir", help="where the evaluation report goes (default: beside the checkpoint)")
     train.set_defaults(handler=cmd_train)
+
+    tune = commands.add_parser("tune", help="Ray Tune sweep over lr x unfreeze depth; writes results.csv, best.json")
+    tune.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/tiny.yaml")
+    tune.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. tune.num_samples=8")
+    tune.set_defaults(handler=cmd_tune)
 
     evaluate = commands.add_parser("evaluate", help="report.json + plots for a checkpoint on a prepared split")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory, s3:// URI or best.json")

@@ -74,6 +74,7 @@ class TrainConfig:
     batch_size: int = 12  # per worker
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays per epoch over train.epochs
     early_stopping_patience: int = 2  # epochs without val-loss improvement before stopping; 0 = off
     checkpoint_metric: str = "val_loss"
     checkpoint_mode: Literal["min", "max"] = "min"
@@ -141,12 +142,17 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # used only with use_gpu
+    # torch intra-op threads per worker; 0 = Ray's default (its CPU share). More than the share lets a lone
+    # CPU worker use cores that Ray Data's decode tasks leave idle.
+    torch_threads: int = 0
 
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ConfigError(f"scaling.num_workers: must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"scaling.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        if self.torch_threads < 0:
+            raise ConfigError(f"scaling.torch_threads: must be >= 0, got {self.torch_threads}")
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ConfigError(f"scaling.gpus_per_worker: must be > 0, got {self.gpus_per_worker}")
 

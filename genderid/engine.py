@@ -7,6 +7,7 @@ arrays in tests, benchmarks and local runs.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
@@ -54,6 +55,20 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float =
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     raise ValueError(f"unknown optimizer {name!r} (adam, adamw, sgd)")
+
+
+def scheduled_lr(base_lr: float, schedule: str, epoch: int, epochs: int) -> float:
+    """Learning rate of 1-based ``epoch``; derived from the epoch alone, so a resumed run continues the curve."""
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(epochs, 1)))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r} (constant, cosine)")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,

@@ -69,6 +69,8 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.train.seed + rank)
+    if config.scaling.torch_threads:
+        torch.set_num_threads(config.scaling.torch_threads)
     device = ray.train.torch.get_device()
     options = engine.StepOptions.for_device(device)
     preprocessing = Preprocessing(image_size=tuple(config.data.image_size))
@@ -100,6 +102,8 @@ def train_loop(loop_config: dict) -> None:
                 marker.touch()
                 time.sleep(3)  # let the controller register the previous epoch's checkpoint first
                 os._exit(1)
+        engine.set_lr(optimizer, engine.scheduled_lr(config.train.lr, config.train.lr_schedule, epoch,
+                                                     config.train.epochs))
         seen_ids: list[str] = []
         batches = train_shard.iter_torch_batches(batch_size=config.train.batch_size,
                                                  local_shuffle_buffer_size=config.train.batch_size * 8,
@@ -170,7 +174,7 @@ def storage_uri(config: Config) -> str:
     return config.storage.path if config.storage.path.startswith("s3://") else os.path.abspath(config.storage.path)
 
 
-def build_trainer(config: Config, hooks: Optional[dict] = None, run_name: Optional[str] = None):
+def build_trainer(config: Config, hooks: Optional[dict] = None, callbacks: tuple = ()):
     """The TorchTrainer for ``config``: Ray Data splits, scaling, storage, top-k checkpoints, failure policy."""
     from genderid.ray_data import load_split
 
@@ -188,11 +192,11 @@ def build_trainer(config: Config, hooks: Optional[dict] = None, run_name: Option
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": config.to_dict(), "hooks": hooks or {},
-                           "run_dir": storage.join(storage_uri(config), run_name or config.storage.name)},
+                           "run_dir": storage.join(storage_uri(config), config.storage.name)},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name or config.storage.name, storage_path=storage_uri(config),
+            name=config.storage.name, storage_path=storage_uri(config), callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints,
                                                checkpoint_score_attribute=config.train.checkpoint_metric,
                                                checkpoint_score_order=config.train.checkpoint_mode),

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# Ray 2.60 turns token auth on by default: clients of a `ray start` cluster must say so. Ray reads this when it is
+# imported, so it is set before any test module imports Ray.
+os.environ["RAY_AUTH_MODE"] = "token"
+
 REPO = Path(__file__).resolve().parent.parent
 REAL_CELEBA = REPO.parent / "shared" / "data" / "celeba-subset"
 
@@ -78,15 +82,105 @@ def s3_server(tmp_path_factory):
             os.environ[key] = value
 
 
+class LocalCluster:
+    """A Ray head node of the test session's own: own temp dir and ports, stopped by its own processes only."""
+
+    def __init__(self, num_cpus: int = 2):
+        import tempfile
+
+        # Short path: Ray's unix sockets live under it.
+        self.temp_dir = tempfile.mkdtemp(prefix="gid-ray-", dir="/tmp")
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.num_cpus = num_cpus
+
+    def env(self) -> dict:
+        """Environment for Ray CLI clients: this venv's executables first (jobs run `python`), token auth on."""
+        env = dict(os.environ)
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        env["RAY_AUTH_MODE"] = "token"
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def ray_cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        return subprocess.run([ray, *args], env=self.env(), capture_output=True, text=True, timeout=timeout,
+                              check=check)
+
+    def start(self) -> None:
+        ports = {"--port": self.port, "--dashboard-port": self.dashboard_port,
+                 "--ray-client-server-port": free_port(), "--node-manager-port": free_port(),
+                 "--object-manager-port": free_port(), "--metrics-export-port": free_port(),
+                 "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+                 "--runtime-env-agent-port": free_port()}
+        args = ["start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+                "--num-cpus", str(self.num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats",
+                "--include-dashboard", "true"]
+        for flag, port in ports.items():
+            args += [flag, str(port)]
+        self.ray_cli(*args, timeout=180)
+
+    def processes(self) -> list[int]:
+        """PIDs whose command line names this cluster's temp dir (every Ray process of this cluster does)."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if self.temp_dir.encode() in handle.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+        return pids
+
+    def stop(self) -> None:
+        import signal
+
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            for pid in self.processes():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + wait
+            while self.processes() and time.time() < deadline:
+                time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server):
-    """The one local Ray cluster of the test session (2 CPUs). The S3 env is set first so workers inherit it."""
+def local_cluster(s3_server):
+    """The one Ray cluster of the test session (2 CPUs), started like a user would with `ray start --head`.
+
+    The S3 env is set before it starts, so every Ray worker and job sees the moto endpoint.
+    """
+    cluster = LocalCluster(num_cpus=2)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(local_cluster):
+    """A driver connection from this test process to the session's cluster."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}})
+    ray.init(address=local_cluster.address, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared(ray_cluster, tmp_path_factory) -> Path:
+    """600 synthetic images (48x48) prepared once per session: ``prepared / "prepared"``; treat as read-only."""
+    from genderid.prepare import prepare
+    from genderid.synth import write_synthetic_celeba
+
+    root = tmp_path_factory.mktemp("train-data")
+    folder = write_synthetic_celeba(root / "celeba", n=600, seed=2, size=(48, 48))
+    prepare(str(folder), str(root / "prepared"), rows_per_shard=100)
+    return root
 
 
 def upload_folder(local: Path, uri: str) -> str:

@@ -9,21 +9,9 @@ from genderid import shards
 from genderid.checkpoint import read_meta
 from genderid.cli import main
 from genderid.config import load_config, named_config_path
-from genderid.prepare import prepare
 from genderid.train_ray import run_training
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def prepared(ray_cluster, tmp_path_factory):
-    """600 synthetic images (48x48), prepared once for this module."""
-    from genderid.synth import write_synthetic_celeba
-
-    root = tmp_path_factory.mktemp("train-data")
-    folder = write_synthetic_celeba(root / "celeba", n=600, seed=2, size=(48, 48))
-    prepare(str(folder), str(root / "prepared"), rows_per_shard=100)
-    return root
 
 
 def tiny(prepared, tmp_path, name, *overrides):

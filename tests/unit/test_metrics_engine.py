@@ -72,3 +72,9 @@ def test_tensor_batches_cover_everything_once_or_drop_the_tail():
     seen = np.concatenate([b["male"].numpy() for b in engine.tensor_batches(images, male, 4, shuffle_seed=1)])
     assert sorted(seen) == list(range(10))
     assert [len(b["male"]) for b in engine.tensor_batches(images, male, 4, drop_last=True)] == [4, 4]
+
+
+def test_cosine_schedule_starts_at_the_base_rate_and_decays():
+    rates = [engine.scheduled_lr(1e-3, "cosine", e, 8) for e in range(1, 9)]
+    assert rates[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] > 0
+    assert engine.scheduled_lr(1e-3, "constant", 5, 8) == 1e-3

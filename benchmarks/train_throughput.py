@@ -1,0 +1,132 @@
+"""Training throughput, measured against baselines in the same run (not a test).
+
+Part 1: images/s of Ray Train with 1 and 2 workers against a plain single-process PyTorch loop over the same
+        prepared data and the same model (decode included on both sides).
+Part 2: one SGD step's time for unfreeze depth 0..5 with real-width VGG16 at 178x218 (pure PyTorch).
+
+    python benchmarks/train_throughput.py [--images 1200] [--size 64] [--width 0.25] [--epochs 2] [--steps 2]
+
+Prints a Markdown section to paste into benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def plain_loop_images_per_s(config, source: str) -> float:
+    """The baseline: one process, same decode (genderid.batches) and engine, epochs after a warm-up epoch."""
+    from genderid import engine, shards
+    from genderid.batches import to_model_batch
+    from genderid.model import build_model
+    from genderid.preprocess import Preprocessing
+
+    preprocessing = Preprocessing(image_size=tuple(config.data.image_size))
+    table = shards.read_table(source)
+    table = table.filter(table["split"].to_numpy() == 0)
+    columns = {n: table[n].to_numpy(zero_copy_only=False) for n in table.column_names}
+    model = build_model(config.model)
+    optimizer = engine.make_optimizer(model, config.train.optimizer, config.train.lr)
+    size = config.train.batch_size
+    rng = np.random.default_rng(0)
+
+    def batches():
+        for start in range(0, len(columns["male"]) - size + 1, size):
+            chunk = {k: v[start:start + size] for k, v in columns.items()}
+            batch = to_model_batch(chunk, preprocessing, rng)
+            yield {"image": torch.from_numpy(batch["image"]), "male": torch.from_numpy(batch["male"])}
+
+    engine.train_one_epoch(model, batches(), optimizer)  # warm-up
+    started, images = time.perf_counter(), 0
+    for _ in range(config.train.epochs):
+        images += engine.train_one_epoch(model, batches(), optimizer)["images"]
+    return images / (time.perf_counter() - started)
+
+
+def ray_train_images_per_s(config, workers: int, storage: str) -> float:
+    """Ray Train's own per-epoch images/s (all workers), the mean over epochs after the first."""
+    import json
+
+    from genderid.config import config_from_dict
+    from genderid.train_ray import run_training
+
+    values = config.to_dict()
+    values["scaling"].update(num_workers=workers, cpus_per_worker=1.0 / workers)
+    values["storage"].update(path=storage, name=f"bench-{workers}w-{int(time.time())}")
+    values["train"].update(epochs=config.train.epochs + 1, early_stopping_patience=0)
+    run_config = config_from_dict(values)
+    run_training(run_config)
+    history = json.loads(open(os.path.join(storage, run_config.storage.name, "history.json")).read())
+    return float(np.mean([h["images_per_s"] for h in history[1:]]))
+
+
+def depth_step_times(steps: int, batch: int) -> list[tuple[int, float, float]]:
+    """(depth, seconds per step, achieved GFLOP/s) for real-width VGG16 at 178x218."""
+    from genderid import engine
+    from genderid.model import GenderNet, flops_per_image
+
+    rows = []
+    images = torch.randn(batch, 3, 218, 178)
+    labels = torch.randint(0, 2, (batch,))
+    for depth in range(6):
+        model = GenderNet(width=1.0, unfreeze_depth=depth)
+        optimizer = engine.make_optimizer(model, "adam", 1e-4)
+        data = [{"image": images, "male": labels}] * (steps + 1)
+        engine.train_one_epoch(model, data[:1], optimizer)  # warm-up step
+        stats = engine.train_one_epoch(model, data[1:], optimizer)
+        seconds = stats["seconds"] / steps
+        # Forward over everything + backward (2x forward) over the trained part: a rough FLOP count.
+        forward = flops_per_image(model, (218, 178)) * batch
+        rows.append((depth, seconds, forward * (1 + 2 * depth / 5) / seconds / 1e9))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1200)
+    parser.add_argument("--size", type=int, default=64, help="model input height and width")
+    parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per unfreeze depth")
+    parser.add_argument("--batch", type=int, default=8, help="batch of the depth sweep")
+    args = parser.parse_args()
+
+    from genderid.config import load_config, named_config_path
+    from genderid.prepare import prepare
+    from genderid.synth import write_synthetic_celeba
+
+    work = tempfile.mkdtemp(prefix="genderid-bench-")
+    folder = write_synthetic_celeba(os.path.join(work, "celeba"), n=args.images, size=(args.size, args.size))
+    source = os.path.join(work, "prepared")
+    prepare(str(folder), source)
+    config = load_config(named_config_path("tiny"), [
+        f"data.source={source}", f"data.image_size=[{args.size}, {args.size}]", f"model.width={args.width}",
+        f"train.epochs={args.epochs}", "train.batch_size=32"])
+
+    plain = plain_loop_images_per_s(config, source)
+    ray_rows = [(w, ray_train_images_per_s(config, w, os.path.join(work, "runs"))) for w in (1, 2)]
+    depth_rows = depth_step_times(args.steps, args.batch)
+
+    print(f"\n## Training throughput ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
+    print(f"Synthetic data, {args.images} images, input {args.size}x{args.size}, VGG16 width {args.width} with "
+          f"BatchNorm, batch 32 per worker, {args.epochs} timed epochs after one warm-up.\n")
+    print("| loop | images/s | vs plain PyTorch |\n| --- | --- | --- |")
+    print(f"| plain PyTorch, 1 process | {plain:.1f} | 1.00 |")
+    for workers, value in ray_rows:
+        print(f"| Ray Train, {workers} worker(s) x {1 / workers:.2g} CPU | {value:.1f} | {value / plain:.2f} |")
+    print(f"\nReal-width VGG16, 178x218, batch {args.batch}, Adam, mean of {args.steps} steps after a warm-up:\n")
+    print("| unfreeze depth | s/step | images/s | approx. GFLOP/s | vs depth 0 |\n| --- | --- | --- | --- | --- |")
+    for depth, seconds, gflops in depth_rows:
+        print(f"| {depth} | {seconds:.2f} | {args.batch / seconds:.2f} | {gflops:.0f} | "
+              f"{seconds / depth_rows[0][1]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
