@@ -71,6 +71,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def early_stopping_update(state: dict, val_loss: float, patience: int) -> bool:
+    """Apply the seed study's rule to ``state`` (``best_val_loss``, ``bad_epochs``); True when training should stop.
+
+    Stop after ``patience`` epochs in a row without a lower validation loss; ``patience`` 0 never stops.
+    """
+    if state.get("best_val_loss") is None or val_loss < state["best_val_loss"]:
+        state["best_val_loss"], state["bad_epochs"] = val_loss, 0
+    else:
+        state["bad_epochs"] = state.get("bad_epochs", 0) + 1
+    return bool(patience) and state["bad_epochs"] >= patience
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
                     options: StepOptions = StepOptions(), max_steps: Optional[int] = None) -> dict:
     """One pass of SGD steps; returns train loss, accuracy, images, seconds and images/s of this process."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Optional
 
 import torch
 from torch import nn

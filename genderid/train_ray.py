@@ -58,10 +58,6 @@ def _gather(obj):
     return out
 
 
-def _improved(value: float, best: Optional[float], mode: str) -> bool:
-    return best is None or (value < best if mode == "min" else value > best)
-
-
 def train_loop(loop_config: dict) -> None:
     """Per-worker loop: resume if a checkpoint exists, then train / validate / report / checkpoint each epoch."""
     config = config_from_dict(loop_config["config"])
@@ -117,41 +113,26 @@ def train_loop(loop_config: dict) -> None:
         train_seconds = time.perf_counter() - started
         # Evaluate the unwrapped module: DDP's forward syncs buffers collectively, which would hang on shards
         # of unequal length.
-        val = engine.Predictions.merge(_gather(engine.predict(
-            getattr(model, "module", model), val_shard.iter_torch_batches(batch_size=64, collate_fn=torch_collate()), options)))
-        val_metrics = val.metrics()
+        val_batches = val_shard.iter_torch_batches(batch_size=64, collate_fn=torch_collate())
+        val = engine.Predictions.merge(_gather(engine.predict(getattr(model, "module", model), val_batches, options)))
         parts = _gather((stats["loss"] * stats["images"], stats["accuracy"] * stats["images"], stats["images"],
                          train_seconds))
-        images = sum(p[2] for p in parts)
-        epoch_seconds = time.perf_counter() - started
-        metrics = {
-            "epoch": epoch, "start_epoch": start_epoch,
-            "train_loss": sum(p[0] for p in parts) / max(images, 1),
-            "train_accuracy": sum(p[1] for p in parts) / max(images, 1),
-            "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
-            "val_balanced_accuracy": val_metrics["balanced_accuracy"], "val_auc": val_metrics["auc"],
-            "val_count": val_metrics["count"], "train_images": images,
-            "images_per_s": images / max(max(p[3] for p in parts), 1e-9), "epoch_seconds": epoch_seconds,
-        }
+        metrics = _epoch_metrics(epoch, start_epoch, parts, val.metrics(), time.perf_counter() - started)
         if hooks.get("record_dir"):
             record = Path(hooks["record_dir"]) / f"epoch{epoch}-rank{rank}.json"
             record.write_text(json.dumps(seen_ids))
-        if _improved(metrics["val_loss"], state["best_val_loss"], "min"):
-            state["best_val_loss"], state["bad_epochs"] = metrics["val_loss"], 0
-        else:
-            state["bad_epochs"] += 1
+        # Every rank sees the same gathered val loss, so every rank takes the same decision.
+        stop = engine.early_stopping_update(state, metrics["val_loss"], config.train.early_stopping_patience)
+        metrics["early_stopped"] = stop
         state["epoch"] = epoch
         state["history"] = state["history"] + [metrics]
-        patience = config.train.early_stopping_patience
-        stop = bool(patience) and state["bad_epochs"] >= patience
-        metrics["early_stopped"] = stop
         if rank == 0:
             # The whole run's curve, beside best.json; checkpoints alone may not hold the last epochs (top-k).
             storage.write_bytes(storage.join(loop_config["run_dir"], "history.json"),
                                 json.dumps(state["history"], indent=2).encode())
             print(f"[train] epoch {epoch}/{config.train.epochs}: train loss {metrics['train_loss']:.4f}, "
                   f"val loss {metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f}, "
-                  f"{metrics['images_per_s']:.1f} images/s, {epoch_seconds:.1f} s", flush=True)
+                  f"{metrics['images_per_s']:.1f} images/s, {metrics['epoch_seconds']:.1f} s", flush=True)
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
@@ -162,6 +143,20 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
         if stop:
             break
+
+
+def _epoch_metrics(epoch: int, start_epoch: int, train_parts: list, val_metrics: dict, seconds: float) -> dict:
+    """One epoch's report: train figures summed over ranks (loss sum, correct, images, seconds), val metrics."""
+    images = sum(p[2] for p in train_parts)
+    return {
+        "epoch": epoch, "start_epoch": start_epoch,
+        "train_loss": sum(p[0] for p in train_parts) / max(images, 1),
+        "train_accuracy": sum(p[1] for p in train_parts) / max(images, 1),
+        "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
+        "val_balanced_accuracy": val_metrics["balanced_accuracy"], "val_auc": val_metrics["auc"],
+        "val_count": val_metrics["count"], "train_images": images,
+        "images_per_s": images / max(max(p[3] for p in train_parts), 1e-9), "epoch_seconds": seconds,
+    }
 
 
 def _recording(batches, seen_ids: list):

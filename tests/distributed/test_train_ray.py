@@ -68,6 +68,7 @@ def test_early_stopping_follows_the_patience_rule(prepared, tmp_path):
             break
     assert stop_at is not None and history[-1]["epoch"] == stop_at < 8
     assert history[-1]["early_stopped"] is True
+    assert best["metrics"]["epoch"] == min(history, key=lambda h: h["val_loss"])["epoch"]
 
 
 def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(prepared, tmp_path):

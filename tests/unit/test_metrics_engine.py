@@ -78,3 +78,11 @@ def test_cosine_schedule_starts_at_the_base_rate_and_decays():
     rates = [engine.scheduled_lr(1e-3, "cosine", e, 8) for e in range(1, 9)]
     assert rates[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] > 0
     assert engine.scheduled_lr(1e-3, "constant", 5, 8) == 1e-3
+
+
+def test_early_stopping_rule_counts_epochs_without_a_lower_val_loss():
+    state = {}
+    decisions = [engine.early_stopping_update(state, loss, patience=2) for loss in (0.9, 0.7, 0.8, 0.6, 0.65, 0.7)]
+    assert decisions == [False, False, False, False, False, True]
+    assert state == {"best_val_loss": 0.6, "bad_epochs": 2}
+    assert not any(engine.early_stopping_update({}, loss, patience=0) for loss in (1, 2, 3))
