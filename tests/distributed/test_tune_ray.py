@@ -55,7 +55,22 @@ def test_sweep_with_asha_writes_results_and_a_loadable_best(ray_cluster, prepare
     assert (sweep / "sweep.png").stat().st_size > 1000
 
 
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(local_cluster, prepared, tmp_path):
+def release_orphaned_placement_groups():
+    """What an operator does after SIGKILLing a sweep driver on Ray 2.60 (see README, "Tune sweeps").
+
+    The killed run's Train worker placement group can stay reserved (Train V2's cleaner dies with its driver), and
+    the rerun would then wait for CPUs forever. No other run is active here, so every live group is an orphan.
+    """
+    import ray
+    from ray.util import placement_group_table
+    from ray.util.placement_group import PlacementGroup
+
+    for group_id, info in placement_group_table().items():
+        if info["state"] == "CREATED":
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(local_cluster, ray_cluster, prepared, tmp_path):
     overrides = sweep_overrides(prepared, tmp_path, "resume") + ["tune.num_samples=3"]
     command = [sys.executable, "-m", "genderid", "tune", "--config", str(named_config_path("tiny")), *overrides]
     env = {**local_cluster.env(), "RAY_ADDRESS": local_cluster.address, "PYTHONUNBUFFERED": "1"}
@@ -75,6 +90,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(local_cluster,
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert finished, "no trial finished in time"
+    release_orphaned_placement_groups()
     done_before = {t: (trials / t / "history.json").stat().st_mtime for t in finished}
     time.sleep(2)
 
