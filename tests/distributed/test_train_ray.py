@@ -47,8 +47,9 @@ def test_shards_are_disjoint_and_complete_loss_falls_and_top_k_is_kept(prepared,
     assert max(h["val_accuracy"] for h in history) > 0.7  # chance is ~0.58 (majority class)
 
     run_dir = tmp_path / "runs" / "learn"
-    kept = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert len(kept) == 2
+    kept = {read_meta(str(p))["epoch"] for p in run_dir.glob("checkpoint_*") if p.is_dir()}
+    top_two = {h["epoch"] for h in sorted(history, key=lambda h: h["val_loss"])[:2]}
+    assert top_two <= kept <= top_two | {history[-1]["epoch"]}  # Ray 2.60 also keeps the latest, for resuming
     best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"]
     assert best["metrics"]["epoch"] == best_epoch and Path(best["checkpoint"]).is_dir()
     assert json.loads((run_dir / "best.json").read_text())["checkpoint"] == best["checkpoint"]
