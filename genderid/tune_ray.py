@@ -108,7 +108,8 @@ def summarise(grid, config: Config) -> list[dict]:
     return sorted(rows, key=lambda r: r.get(f"best_{metric}", -math.inf if reverse else math.inf), reverse=reverse)
 
 
-def plot_sweep(rows: list[dict], path: str, metric: str = "val_accuracy") -> bytes:
+def plot_sweep(rows: list[dict], metric: str = "val_accuracy") -> bytes:
+    """PNG bytes: best ``metric`` against lr, one colour per unfreeze depth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +136,7 @@ def write_results(rows: list[dict], config: Config, sweep_dir: str) -> dict:
     import pandas as pd
 
     storage.write_bytes(storage.join(sweep_dir, "results.csv"), pd.DataFrame(rows).to_csv(index=False).encode())
-    storage.write_bytes(storage.join(sweep_dir, "sweep.png"), plot_sweep(rows, sweep_dir))
+    storage.write_bytes(storage.join(sweep_dir, "sweep.png"), plot_sweep(rows))
     finished = [r for r in rows if "checkpoint" in r]
     if not finished:
         raise RuntimeError(f"no trial of sweep {config.storage.name} reported a checkpoint")
