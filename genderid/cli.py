@@ -58,15 +58,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from genderid.tune_ray import run_sweep
+    from genderid.tune_ray import results_table, run_sweep
 
     config = _config(args)
     rows, best = run_sweep(config)
-    columns = ["trial_id", "config/lr", "config/unfreeze_depth", f"best_{config.tune.metric}", "val_loss",
-               "epochs_run", "ended"]
-    print(" | ".join(columns))
-    for row in rows:
-        print(" | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns))
+    print(results_table(rows, config.tune.metric))
     print(f"best trial checkpoint: {best['checkpoint']}")
     return 0
 
@@ -84,12 +80,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.url:
+        from genderid.client import predict_url
+
+        for path in args.images:
+            print(json.dumps({"image": path, **predict_url(args.url, path)}))
+        return 0
     from genderid.predictor import Predictor
 
-    if not args.checkpoint:
-        print("genderid predict: --checkpoint is required (the --url client comes with the Serve endpoint)",
-              file=sys.stderr)
-        return 2
     predictor = Predictor.from_checkpoint(args.checkpoint)
     images = [Path(p).read_bytes() for p in args.images]
     for path, prediction in zip(args.images, predictor.predict(images)):
@@ -100,7 +98,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from genderid.demo import run_demo
 
-    run_demo(workdir=args.workdir, celeba=args.celeba, n=args.n)
+    run_demo(workdir=args.workdir, celeba=args.celeba, n=args.n, config_path=args.config, overrides=args.overrides,
+             port=args.port, keep_serving=args.keep_serving, serve_config=args.serve_config)
     return 0
 
 
@@ -113,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--celeba", help="a CelebA folder to use instead of synthetic data")
     demo.add_argument("--workdir", default="runs/demo", help="where every output goes (default: runs/demo)")
     demo.add_argument("--n", type=int, default=800, help="synthetic images to make (default: 800)")
+    demo.add_argument("--config", help="config to start from (default: jobs/configs/tiny.yaml)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="dotted overrides on top of the demo's, e.g. tune.num_samples=8 train.epochs=6")
+    demo.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default: 8000)")
+    demo.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl-C")
+    demo.add_argument("--serve-config", help="Serve config to deploy (default: the repository's serve_config.yaml)")
     demo.set_defaults(handler=cmd_demo)
 
     synth = commands.add_parser("synth", help="write a synthetic data set in the official CelebA layout")
@@ -154,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="label + probability per image")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
-    predict.add_argument("--checkpoint", help="checkpoint directory, s3:// URI or best.json")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint directory, s3:// URI or best.json (local, no Serve)")
+    source.add_argument("--url", help="the Serve endpoint, e.g. http://127.0.0.1:8000")
     predict.set_defaults(handler=cmd_predict)
     return parser
 
@@ -163,12 +170,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story for the user: printed without a traceback."""
     from genderid.celeba import CelebaFormatError
     from genderid.checkpoint import CheckpointError
+    from genderid.client import EndpointError
     from genderid.config import ConfigError
     from genderid.model import WeightsUnavailableError
     from genderid.shards import DatasetError
 
+    from genderid.preprocess import ImageDecodeError, ImageTooLargeError
+
     return (ConfigError, CelebaFormatError, DatasetError, CheckpointError, WeightsUnavailableError,
-            FileNotFoundError)
+            FileNotFoundError, EndpointError, ImageDecodeError, ImageTooLargeError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -21,6 +21,10 @@ class ImageDecodeError(ValueError):
     """The bytes are empty, corrupt or not an image."""
 
 
+class ImageTooLargeError(ValueError):
+    """The image's dimensions exceed the pixel limit (a decompression bomb, or just far too big)."""
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: grayscale, CMYK, palette, RGBA/LA (on white), 16-bit and float images."""
     if img.mode == "RGB":
@@ -41,10 +45,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(data: ImageInput, draft_size: Optional[tuple[int, int]] = None) -> Image.Image:
+def open_image(data: ImageInput, draft_size: Optional[tuple[int, int]] = None,
+               max_pixels: Optional[int] = None) -> Image.Image:
     """Decode bytes (or take a PIL image), apply its EXIF orientation and return it as RGB.
 
     ``draft_size`` (width, height) lets JPEG decode at a reduced scale, for photos far larger than needed.
+    ``max_pixels`` is checked on the header's dimensions, before any pixel is decoded; PIL's own
+    decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) applies as well. Both raise :class:`ImageTooLargeError`.
     """
     if isinstance(data, Image.Image):
         img = data
@@ -53,11 +60,18 @@ def open_image(data: ImageInput, draft_size: Optional[tuple[int, int]] = None) -
             raise ImageDecodeError("empty image")
         try:
             img = Image.open(io.BytesIO(bytes(data)))
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageTooLargeError(f"image is {img.width}x{img.height} = {img.width * img.height:,} pixels; "
+                                         f"the limit is {max_pixels:,}")
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", draft_size)
             img.load()
-        except Image.DecompressionBombError:
+        except ImageTooLargeError:
             raise
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(str(exc)) from None
+        except Image.UnidentifiedImageError:
+            raise ImageDecodeError("not a recognised image format (JPEG, PNG, WebP, ...)") from None
         except Exception as exc:  # PIL raises many types for corrupt input
             raise ImageDecodeError(f"cannot decode image: {exc}") from None
     try:
@@ -109,9 +123,10 @@ class Preprocessing:
         height, width = self.image_size
         return width, height
 
-    def __call__(self, data: ImageInput, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    def __call__(self, data: ImageInput, rng: Optional[np.random.Generator] = None,
+                 max_pixels: Optional[int] = None) -> np.ndarray:
         """One image -> float32 CHW array, normalised. Passing ``rng`` turns on train augmentation."""
-        img = self.resize(open_image(data, draft_size=self.draft_size()), rng)
+        img = self.resize(open_image(data, draft_size=self.draft_size(), max_pixels=max_pixels), rng)
         if rng is not None and rng.random() < self.flip_prob:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         array = np.asarray(img, dtype=np.float32) / 255.0

@@ -131,6 +131,16 @@ def plot_sweep(rows: list[dict], metric: str = "val_accuracy") -> bytes:
     return buffer.getvalue()
 
 
+def results_table(rows: list[dict], metric: str = "val_accuracy") -> str:
+    """The sweep's rows as a plain-text table, best first (what `genderid tune` prints)."""
+    columns = ["trial_id", "config/lr", "config/unfreeze_depth", f"best_{metric}", "val_loss", "epochs_run", "ended"]
+    lines = [" | ".join(columns)]
+    for row in rows:
+        lines.append(" | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
+                                for c in columns))
+    return "\n".join(lines)
+
+
 def write_results(rows: list[dict], config: Config, sweep_dir: str) -> dict:
     """results.csv, sweep.png and best.json under the sweep folder; returns best.json's content."""
     import pandas as pd

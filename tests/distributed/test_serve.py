@@ -1,0 +1,315 @@
+"""The Serve endpoint, started from serve_config.yaml on the shared cluster with a tiny checkpoint made here.
+
+Tests run in file order on one application: answers, bad input, concurrency, S3 and failed updates, then
+autoscaling and a killed replica (which redeploy it with test settings), then Serve is shut down.
+"""
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from conftest import REAL_CELEBA, REPO, free_port, upload_folder
+from genderid import shards
+from genderid.checkpoint import save_checkpoint
+from genderid.config import load_config, named_config_path
+from genderid.local_train import train_local
+from genderid.predictor import Predictor
+
+pytestmark = pytest.mark.ray
+APP, DEPLOYMENT = "genderid", "GenderIdService"
+
+
+@pytest.fixture(scope="module")
+def model(prepared, tmp_path_factory):
+    """A tiny model trained in-process on the session's synthetic data, and a few of its test images."""
+    source = str(prepared / "prepared")
+    config = load_config(named_config_path("tiny"), [f"data.source={source}", "train.epochs=4"])
+    run = train_local(config, source)
+    checkpoint = save_checkpoint(tmp_path_factory.mktemp("serve") / "checkpoint", run.model,
+                                 preprocessing=run.preprocessing, config=config.to_dict(),
+                                 metrics=run.history[-1], epoch=len(run.history))
+    table = shards.read_table(source)
+    test = table.filter(table["split"].to_numpy() == 2).slice(0, 16)
+    return {"checkpoint": checkpoint, "images": test["image"].to_pylist(), "male": test["male"].to_pylist(),
+            "predictor": Predictor.from_checkpoint(str(checkpoint))}
+
+
+def serve_config(checkpoint, port, **deployment_changes):
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    config["applications"][0]["args"]["checkpoint"] = str(checkpoint)
+    config["http_options"]["port"] = port
+    config["applications"][0]["deployments"][0].update(deployment_changes)
+    return config
+
+
+def write(config, path):
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def serve_cli(cluster, *args, timeout=180):
+    serve = str(Path(sys.executable).parent / "serve")  # this virtualenv's Serve CLI
+    return subprocess.run([serve, *args], env=cluster.env(), capture_output=True, text=True, timeout=timeout)
+
+
+def details(cluster):
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    return ServeSubmissionClient(cluster.dashboard_url).get_serve_details()["applications"].get(APP)
+
+
+def deployment(cluster):
+    return details(cluster)["deployments"][DEPLOYMENT]
+
+
+def running_replicas(cluster):
+    return {r["replica_id"] for r in deployment(cluster)["replicas"] if r["state"] == "RUNNING"}
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def as_png(jpeg):
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def endpoint(local_cluster, ray_cluster, model, tmp_path_factory):
+    """`serve run` of serve_config.yaml with only the checkpoint and the port changed."""
+    port = free_port()
+    path = write(serve_config(model["checkpoint"], port), tmp_path_factory.mktemp("serve-config") / "serve.yaml")
+    # --non-blocking: deploy and return, as a user's `serve run` would before they press Ctrl-C.
+    run = serve_cli(local_cluster, "run", path, "--address", local_cluster.address, "--non-blocking")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: ok(url + "/healthz"), 240, "the endpoint's /healthz")
+    yield {"url": url, "port": port, "config_dir": tmp_path_factory.mktemp("serve-configs")}
+    from ray import serve
+
+    serve.shutdown()
+
+
+def ok(url):
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def post(url, data, content_type="image/jpeg", timeout=60):
+    return requests.post(url + "/predict", data=data, headers={"Content-Type": content_type}, timeout=timeout)
+
+
+def test_answers_match_the_local_predictor(endpoint, model):
+    url, predictor = endpoint["url"], model["predictor"]
+    jpeg = model["images"][0]
+    expected = predictor.predict([jpeg])[0]
+    for data, kind in ((jpeg, "image/jpeg"), (as_png(jpeg), "image/png")):
+        answer = post(url, data, kind)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["label"] == expected.label and body["p_male"] == pytest.approx(expected.p_male, abs=1e-4)
+        assert body["model_version"] == predictor.model_version
+    # Several files: one answer per file, in order; the served model is right on most of them.
+    files = [("file", (f"{i}.jpg", image, "image/jpeg")) for i, image in enumerate(model["images"])]
+    answer = requests.post(url + "/predict", files=files, timeout=60)
+    assert answer.status_code == 200, answer.text
+    served = answer.json()["predictions"]
+    local = predictor.predict(model["images"])
+    assert [p["label"] for p in served] == [p.label for p in local]
+    assert np.allclose([p["p_male"] for p in served], [p.p_male for p in local], atol=1e-4)
+    correct = [p["label"] == ("male" if m else "female") for p, m in zip(served, model["male"])]
+    assert np.mean(correct) >= 0.75
+    meta = requests.get(url + "/metadata", timeout=10).json()
+    assert meta["checkpoint"] == str(model["checkpoint"]) and meta["input_size"] == [32, 32]
+    assert meta["model_version"] == predictor.model_version and "val_accuracy" in meta["validation_metrics"]
+
+
+def test_a_real_face_and_the_cli_client(endpoint, model, tmp_path):
+    faces = sorted((REAL_CELEBA / "img_align_celeba").glob("*.jpg"))[:1] if REAL_CELEBA.is_dir() else []
+    image = tmp_path / "face.jpg"
+    image.write_bytes(faces[0].read_bytes() if faces else model["images"][1])
+    run = subprocess.run([sys.executable, "-m", "genderid", "predict", str(image), "--url", endpoint["url"]],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout.strip().splitlines()[-1])
+    expected = model["predictor"].predict([image.read_bytes()])[0]
+    assert answer["image"] == str(image) and answer["label"] == expected.label
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    run = subprocess.run([sys.executable, "-m", "genderid", "predict", str(bad), "--url", endpoint["url"]],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "HTTP 415" in run.stderr
+
+
+def bad_requests():
+    truncated = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(truncated, format="JPEG")
+    huge = io.BytesIO()
+    Image.new("L", (8000, 6000)).save(huge, format="PNG")  # 48 MP, a few kB compressed
+    return [
+        ("empty", b"", "image/jpeg", 400),
+        ("random bytes", bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "image/jpeg", 400),
+        ("truncated JPEG", truncated.getvalue()[:300], "image/jpeg", 400),
+        ("text", b"hello, world", "text/plain", 415),
+        ("huge-dimension PNG", huge.getvalue(), "image/png", 413),
+        ("oversize body", b"\xff" * 10_500_000, "image/jpeg", 413),
+    ]
+
+
+@pytest.mark.parametrize("name,data,kind,status", bad_requests(), ids=[b[0] for b in bad_requests()])
+def test_bad_input_gets_a_json_error_and_the_replica_keeps_serving(endpoint, local_cluster, model, name, data,
+                                                                   kind, status):
+    before = running_replicas(local_cluster)
+    answer = post(endpoint["url"], data, kind)
+    assert answer.status_code == status, answer.text
+    assert set(answer.json()) == {"error"} and "Traceback" not in answer.text
+    assert requests.get(endpoint["url"] + "/healthz", timeout=10).json() == {"status": "ok"}
+    assert post(endpoint["url"], model["images"][0]).status_code == 200
+    assert running_replicas(local_cluster) == before  # the same replica(s), none restarted
+
+
+def test_good_requests_sharing_a_batch_window_with_bad_ones_all_succeed(endpoint, model):
+    bad = [b for b in bad_requests() if b[0] != "oversize body"]
+    jobs = [("good", image, "image/jpeg", 200) for image in model["images"][:12]] + bad * 2
+    barrier = threading.Barrier(len(jobs))
+    expected = {i: p for i, p in enumerate(model["predictor"].predict(model["images"][:12]))}
+
+    def send(job):
+        barrier.wait()  # all at once, so good and bad requests land in the same batching window
+        return post(endpoint["url"], job[1], job[2])
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(send, jobs))
+    for index, (job, answer) in enumerate(zip(jobs, answers)):
+        assert answer.status_code == job[3], (job[0], answer.text)
+        if job[0] == "good":
+            assert answer.json()["label"] == expected[index].label
+
+
+def deploy_cli(local_cluster, config, path):
+    run = serve_cli(local_cluster, "deploy", write(config, path), "--address", local_cluster.dashboard_url)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+def app_status(local_cluster):
+    """The application's status, and its message together with its deployment's (where replica errors show)."""
+    app = details(local_cluster)
+    messages = [app.get("message", "")] + [d.get("message", "") for d in app.get("deployments", {}).values()]
+    return app["status"], "\n".join(messages)
+
+
+def test_checkpoint_from_s3_and_bad_updates_leave_the_old_model_serving(endpoint, local_cluster, model, s3_server):
+    from genderid import storage
+
+    prefix = f"s3://{s3_server['bucket']}/serve"
+    upload_folder(model["checkpoint"], f"{prefix}/checkpoint")
+    storage.write_bytes(f"{prefix}/best.json", json.dumps({"checkpoint": f"{prefix}/checkpoint"}).encode())
+    folder = endpoint["config_dir"]
+    deploy_cli(local_cluster, serve_config(f"{prefix}/best.json", endpoint["port"]), folder / "s3.yaml")
+
+    def serving_from_s3():
+        try:
+            return requests.get(endpoint["url"] + "/metadata", timeout=5).json().get("checkpoint", "").startswith(prefix)
+        except (requests.RequestException, ValueError):
+            return False
+
+    wait_for(serving_from_s3, 240, "the checkpoint from s3://")
+    good = post(endpoint["url"], model["images"][0]).json()
+    assert good["model_version"] == model["predictor"].model_version
+
+    # A tampered checkpoint: new replicas fail their SHA-256 check; the old replica keeps serving throughout.
+    tampered = bytearray((model["checkpoint"] / "model.pt").read_bytes())
+    tampered[-10] ^= 0xFF
+    upload_folder(model["checkpoint"], f"{prefix}/tampered")
+    storage.write_bytes(f"{prefix}/tampered/model.pt", bytes(tampered))
+    deploy_cli(local_cluster, serve_config(f"{prefix}/tampered", endpoint["port"]), folder / "tampered.yaml")
+    failures = []
+
+    def failed():
+        answer = post(endpoint["url"], model["images"][0])
+        if answer.status_code != 200:
+            failures.append(answer.status_code)
+        return app_status(local_cluster)[0] == "DEPLOY_FAILED"
+
+    wait_for(failed, 300, "the tampered update to fail")
+    assert "SHA-256" in app_status(local_cluster)[1]
+    assert not failures, failures
+    assert post(endpoint["url"], model["images"][0]).json()["model_version"] == good["model_version"]
+
+    # A missing checkpoint fails in the app builder, before any replica is touched.
+    deploy_cli(local_cluster, serve_config(f"{prefix}/missing/best.json", endpoint["port"]), folder / "missing.yaml")
+    wait_for(lambda: app_status(local_cluster)[0] == "DEPLOY_FAILED" and "missing" in app_status(local_cluster)[1],
+             240, "the missing-checkpoint update to fail")
+    assert post(endpoint["url"], model["images"][0]).status_code == 200
+
+
+def load(url, images, stop, results):
+    while not stop.is_set():
+        try:
+            results.append(post(url, images[len(results) % len(images)], timeout=30).status_code)
+        except requests.RequestException:
+            results.append(-1)
+
+
+def test_autoscaling_follows_load_and_a_killed_replica_is_replaced(endpoint, local_cluster, ray_cluster, model):
+    fast = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                   "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 11},
+            "ray_actor_options": {"num_cpus": 0.5}}
+    deploy_cli(local_cluster, serve_config(model["checkpoint"], endpoint["port"], **fast),
+               endpoint["config_dir"] / "autoscale.yaml")
+    wait_for(lambda: app_status(local_cluster)[0] == "RUNNING"
+             and deployment(local_cluster)["deployment_config"]["ray_actor_options"]["num_cpus"] == 0.5, 300,
+             "the autoscaling config to be running")
+
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=load, args=(endpoint["url"], model["images"], stop, results))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: deployment(local_cluster)["target_num_replicas"] > 1, 120, "a scale-up decision")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    wait_for(lambda: deployment(local_cluster)["target_num_replicas"] == 1, 180, "the scale-down decision")
+    wait_for(lambda: len(running_replicas(local_cluster)) == 1, 180, "one running replica")
+
+    # Kill the replica under load: it is replaced, and afterwards every request succeeds again.
+    import ray
+
+    victim = next(r for r in deployment(local_cluster)["replicas"] if r["state"] == "RUNNING")
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=load, args=(endpoint["url"], model["images"], stop, results))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(2)
+        ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
+        wait_for(lambda: running_replicas(local_cluster) - {victim["replica_id"]}, 240, "a replacement replica")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    answers = [post(endpoint["url"], image) for image in model["images"]]
+    assert [a.status_code for a in answers] == [200] * len(answers)

@@ -1,0 +1,85 @@
+"""cluster/: the AWS launcher config passes Ray's own validation, KubeRay manifests parse and match serve_config.yaml,
+and every Ray version and image agrees with the pin in pyproject.toml."""
+import re
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+CLUSTER = REPO / "cluster"
+KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+
+
+def ray_pin() -> str:
+    text = (REPO / "pyproject.toml").read_text()
+    return re.search(r'"ray\[[^\]]*\]==([0-9.]+)\.\*"', text).group(1)  # e.g. "2.60"
+
+
+def manifest(name):
+    return yaml.safe_load((CLUSTER / "kuberay" / name).read_text())
+
+
+def test_aws_config_passes_ray_cluster_config_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    validate_config(prepare_config(config))  # what `ray up` does before it touches AWS
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert not head["node_config"]["InstanceType"].startswith(("g", "p"))  # a CPU head
+    gpu = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert gpu and all(t["node_config"]["InstanceType"].startswith(("g5", "p4d")) for t in gpu)
+    assert all(t["min_workers"] == 0 < t["max_workers"] for t in gpu)  # autoscaling from zero
+    assert all("IamInstanceProfile" in t["node_config"] for t in types.values())  # S3 without keys
+
+
+def test_bad_aws_config_is_rejected_by_the_same_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    config["head_node_type"] = "no-such-type"
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(prepare_config(config))
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=[p.name for p in KUBERAY])
+def test_kuberay_manifests_parse(path):
+    docs = list(yaml.safe_load_all(path.read_text()))
+    assert len(docs) == 1 and docs[0]["apiVersion"] == "ray.io/v1"
+    assert docs[0]["kind"] in ("RayCluster", "RayJob", "RayService") and docs[0]["metadata"]["name"]
+
+
+def test_kinds_and_entrypoints():
+    kinds = {p.name: yaml.safe_load(p.read_text())["kind"] for p in KUBERAY}
+    assert sorted(kinds.values()) == ["RayCluster", "RayJob", "RayJob", "RayService"]
+    cluster = manifest("raycluster.yaml")
+    assert any(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+               for g in cluster["spec"]["workerGroupSpecs"])
+    for name, script in (("rayjob-train.yaml", "jobs/train.py"), ("rayjob-tune.yaml", "jobs/tune.py")):
+        job = manifest(name)
+        assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+        assert script in job["spec"]["entrypoint"]
+        config = re.search(r"--config \S*(jobs/configs/\S+\.yaml)", job["spec"]["entrypoint"]).group(1)
+        assert (REPO / config).is_file()
+
+
+def test_rayservice_application_is_serve_config_yaml_with_only_the_checkpoint_changed():
+    local = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"]
+    served = yaml.safe_load(manifest("rayservice.yaml")["spec"]["serveConfigV2"])["applications"]
+    assert served[0]["args"]["checkpoint"].startswith("s3://")
+    for apps in (local, served):
+        apps[0]["args"].pop("checkpoint")
+    assert served == local
+
+
+def test_ray_versions_and_images_agree_with_the_pin():
+    pin = ray_pin()
+    versions = [yaml.safe_load(p.read_text())["spec"].get("rayVersion") for p in KUBERAY]
+    service = manifest("rayservice.yaml")["spec"]["rayClusterConfig"]["rayVersion"]
+    for version in [v for v in versions if v] + [service]:
+        assert version.startswith(pin + "."), version
+    images = re.findall(r"rayproject/ray:([0-9.]+)", (CLUSTER / "aws.yaml").read_text() +
+                        (CLUSTER / "Dockerfile").read_text())
+    assert images and all(tag.startswith(pin + ".") for tag in images), images
+    assert len(set(images) | {v for v in versions if v} | {service}) == 1  # one exact Ray version everywhere

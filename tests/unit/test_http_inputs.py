@@ -1,0 +1,87 @@
+"""What the endpoint accepts, without Serve: content types, body and pixel limits, odd but valid images."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from genderid.http_inputs import Limits, RequestError, check_image_type, decode_upload, media_type
+from genderid.preprocess import Preprocessing
+
+PRE = Preprocessing(image_size=(32, 32))
+LIMITS = Limits(max_body_bytes=1000, max_pixels=10_000, max_files=4)
+
+
+def encode(img, fmt="PNG", **kwargs):
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def status_of(call, *args):
+    with pytest.raises(RequestError) as info:
+        call(*args)
+    return info.value.status
+
+
+def test_media_types():
+    assert media_type("Image/JPEG; charset=binary") == "image/jpeg" and media_type(None) == ""
+    for ok in ("image/jpeg", "image/png", "image/webp", "application/octet-stream"):
+        check_image_type(ok)
+    for bad in ("text/plain", "application/json", "application/x-www-form-urlencoded", None, ""):
+        assert status_of(check_image_type, bad) == 415
+
+
+def test_body_limits_refuse_by_header_and_while_reading():
+    LIMITS.check_declared_length("1000")
+    LIMITS.check_declared_length(None)
+    assert status_of(LIMITS.check_declared_length, "1001") == 413
+    assert status_of(LIMITS.check_declared_length, "ten") == 400
+    LIMITS.check_read_length(1000)
+    assert status_of(LIMITS.check_read_length, 1001) == 413
+    with pytest.raises(ValueError, match="max_pixels"):
+        Limits(max_pixels=0)
+
+
+@pytest.mark.parametrize("data,status", [
+    (b"", 400),
+    (bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8)), 400),
+    (encode(Image.new("RGB", (64, 64)), "JPEG")[:200], 400),  # truncated
+    (encode(Image.new("L", (200, 200))), 413),  # 40,000 pixels > 10,000
+])
+def test_bad_uploads_get_their_status(data, status):
+    assert status_of(decode_upload, data, PRE, LIMITS) == status
+
+
+def test_pil_decompression_bomb_guard_is_a_413(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses above 2x this, before our own limit
+    assert status_of(decode_upload, encode(Image.new("L", (50, 50))), PRE, Limits(max_pixels=10**9)) == 413
+
+
+def test_large_jpeg_is_decoded_in_draft_mode():
+    big = encode(Image.new("RGB", (3000, 2000), (200, 30, 30)), "JPEG")
+    array = decode_upload(big, PRE, Limits(max_pixels=10**7))
+    assert array.shape == (3, 32, 32) and array[0].mean() > array[1].mean()
+
+
+def rgb16():
+    return Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))
+
+
+@pytest.mark.parametrize("img,fmt", [
+    (Image.new("L", (20, 30), 128), "PNG"), (Image.new("CMYK", (20, 30), (0, 255, 255, 0)), "JPEG"),
+    (Image.new("RGB", (20, 30), "red").convert("P"), "PNG"), (Image.new("RGBA", (20, 30), (0, 0, 255, 100)), "PNG"),
+    (rgb16(), "PNG"), (Image.new("RGB", (20, 30), "green"), "WEBP"), (Image.new("RGB", (20, 30), "blue"), "GIF"),
+])
+def test_odd_but_valid_images_are_served(img, fmt):
+    array = decode_upload(encode(img, fmt), PRE, LIMITS)
+    assert array.shape == (3, 32, 32) and np.isfinite(array).all()
+
+
+def test_exif_rotation_is_applied():
+    img = Image.new("RGB", (40, 80), "white")
+    img.paste(Image.new("RGB", (40, 40), "black"), (0, 0))  # top half black as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise: the black half moves to the right
+    array = decode_upload(encode(img, "JPEG", exif=exif.tobytes()), Preprocessing(image_size=(40, 80)), LIMITS)
+    assert array[:, :, 40:].mean() < array[:, :, :40].mean()
