@@ -1,20 +1,22 @@
-"""`genderid demo` end to end, with small settings, on the shared cluster."""
+"""The quick start's `./run demo`, end to end with small settings, joined to the shared cluster."""
 import json
+import subprocess
 
 import pytest
 
-from conftest import free_port
-from genderid.cli import main
+from conftest import REPO, free_port
 
 pytestmark = pytest.mark.ray
 
 
-def test_demo_runs_end_to_end_and_predicts_over_http(ray_cluster, tmp_path, capsys):
+def test_run_demo_end_to_end_predicts_over_http_and_shuts_serve_down(local_cluster, ray_cluster, tmp_path):
     workdir, port = tmp_path / "demo", free_port()
-    code = main(["demo", "--workdir", str(workdir), "--n", "300", "--port", str(port), "tune.num_samples=2",
-                 "tune.max_epochs=2", "tune.unfreeze_depth=[5]", "train.epochs=3"])
-    assert code == 0
-    out = capsys.readouterr().out
+    # RAY_ADDRESS: the demo joins the session's cluster instead of starting a second one on this host.
+    env = {**local_cluster.env(), "RAY_ADDRESS": local_cluster.address, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run([str(REPO / "run"), "demo", "--workdir", str(workdir), "--n", "300", "--port", str(port),
+                          "tune.num_samples=2", "tune.max_epochs=2", "tune.unfreeze_depth=[5]", "train.epochs=3"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["endpoint"] == f"http://127.0.0.1:{port}"
     assert summary["test_metrics"]["split"] == "test" and summary["test_metrics"]["accuracy"] > 0.6
@@ -26,7 +28,7 @@ def test_demo_runs_end_to_end_and_predicts_over_http(ray_cluster, tmp_path, caps
         summary["outputs"]["best_checkpoint"]
     for text in ("step 3/7: Tune sweep", "trial_id | config/lr", "step 4/7: train", "[demo] summary",
                  "shut down cleanly"):
-        assert text in out, text
+        assert text in run.stdout, text
     from ray import serve
 
-    assert "genderid" not in serve.status().applications  # Serve was stopped: the demo started it
+    assert "genderid" not in serve.status().applications  # the demo started Serve, so it stopped it

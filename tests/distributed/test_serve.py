@@ -5,6 +5,7 @@ autoscaling and a killed replica (which redeploy it with test settings), then Se
 """
 import io
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -153,11 +154,30 @@ def test_a_real_face_and_the_cli_client(endpoint, model, tmp_path):
     answer = json.loads(run.stdout.strip().splitlines()[-1])
     expected = model["predictor"].predict([image.read_bytes()])[0]
     assert answer["image"] == str(image) and answer["label"] == expected.label
+    # The README's curl calls, and the CLI client with several images.
+    other = tmp_path / "other.png"
+    other.write_bytes(as_png(model["images"][2]))
+    url = endpoint["url"]
+    raw = curl("-H", "Content-Type: image/jpeg", "--data-binary", f"@{image}", f"{url}/predict")
+    assert raw["label"] == expected.label
+    several = curl("-F", f"file=@{image}", "-F", f"file=@{other}", f"{url}/predict")["predictions"]
+    assert [p["label"] for p in several] == [expected.label, model["predictor"].predict([other.read_bytes()])[0].label]
+    assert curl(f"{url}/metadata")["model_version"] == model["predictor"].model_version
+    run = subprocess.run([sys.executable, "-m", "genderid", "predict", str(image), str(other), "--url", url],
+                         capture_output=True, text=True, timeout=120)
+    assert [json.loads(line)["image"] for line in run.stdout.strip().splitlines()] == [str(image), str(other)]
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
     run = subprocess.run([sys.executable, "-m", "genderid", "predict", str(bad), "--url", endpoint["url"]],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "HTTP 415" in run.stderr
+
+
+def curl(*args):
+    if shutil.which("curl") is None:
+        pytest.fail("curl is needed to run the README's curl examples")
+    return json.loads(subprocess.run(["curl", "-s", "--fail-with-body", *args], capture_output=True, text=True,
+                                     timeout=60, check=True).stdout)
 
 
 def bad_requests():
@@ -233,6 +253,8 @@ def test_checkpoint_from_s3_and_bad_updates_leave_the_old_model_serving(endpoint
             return False
 
     wait_for(serving_from_s3, 240, "the checkpoint from s3://")
+    status = serve_cli(local_cluster, "status", "--address", local_cluster.dashboard_url)
+    assert status.returncode == 0 and "GenderIdService" in status.stdout and "RUNNING" in status.stdout
     good = post(endpoint["url"], model["images"][0]).json()
     assert good["model_version"] == model["predictor"].model_version
 
