@@ -1,8 +1,6 @@
 """Joining or starting Ray: the one place that calls ``ray.init``."""
 from __future__ import annotations
 
-import os
-
 
 def init_ray(**kwargs) -> None:
     """Join the cluster in ``RAY_ADDRESS``, or start a local one; no-op when Ray is already up."""
@@ -12,6 +10,7 @@ def init_ray(**kwargs) -> None:
         return
     # Ray 2.60 logs its own progress; keep the driver's console for ours and the Data progress bars.
     kwargs.setdefault("logging_level", "WARNING")
-    if not os.environ.get("RAY_ADDRESS"):
-        kwargs.setdefault("include_dashboard", False)
+    # The dashboard stays on even for a local Ray: Train V2's placement-group cleaner asks the State API (served
+    # by the dashboard) whether a finished run's controller is gone; without it the group is never released and
+    # the next Tune trial waits for CPUs forever.
     ray.init(**kwargs)

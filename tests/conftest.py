@@ -183,6 +183,20 @@ def prepared(ray_cluster, tmp_path_factory) -> Path:
     return root
 
 
+def submit_job(cluster: LocalCluster, script: str, *args: str) -> str:
+    """`ray job submit` a jobs/ script (tiny config) with the repo as working dir; asserts SUCCEEDED, returns output."""
+    import uuid
+
+    submission = f"genderid-{uuid.uuid4().hex[:8]}"
+    run = cluster.ray_cli(
+        "job", "submit", "--address", cluster.dashboard_url, "--submission-id", submission,
+        "--working-dir", str(REPO), "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"), "--",
+        "python", script, "--config", "jobs/configs/tiny.yaml", *args, timeout=900, check=False)
+    status = cluster.ray_cli("job", "status", "--address", cluster.dashboard_url, submission)
+    assert "succeeded" in status.stdout.lower(), run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
 def upload_folder(local: Path, uri: str) -> str:
     from genderid import storage
 

@@ -14,7 +14,7 @@ def test_run_demo_end_to_end_predicts_over_http_and_shuts_serve_down(local_clust
     # RAY_ADDRESS: the demo joins the session's cluster instead of starting a second one on this host.
     env = {**local_cluster.env(), "RAY_ADDRESS": local_cluster.address, "PYTHONUNBUFFERED": "1"}
     run = subprocess.run([str(REPO / "run"), "demo", "--workdir", str(workdir), "--n", "300", "--port", str(port),
-                          "tune.num_samples=2", "tune.max_epochs=2", "tune.unfreeze_depth=[5]", "train.epochs=3"],
+                          "tune.num_samples=2", "tune.max_epochs=1", "tune.unfreeze_depth=[5]", "train.epochs=3"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())

@@ -3,6 +3,7 @@
 Tests run in file order on one application: answers, bad input, concurrency, S3 and failed updates, then
 autoscaling and a killed replica (which redeploy it with test settings), then Serve is shut down.
 """
+import contextlib
 import io
 import json
 import shutil
@@ -284,12 +285,27 @@ def test_checkpoint_from_s3_and_bad_updates_leave_the_old_model_serving(endpoint
     assert post(endpoint["url"], model["images"][0]).status_code == 200
 
 
-def load(url, images, stop, results):
-    while not stop.is_set():
-        try:
-            results.append(post(url, images[len(results) % len(images)], timeout=30).status_code)
-        except requests.RequestException:
-            results.append(-1)
+@contextlib.contextmanager
+def under_load(url, images, clients):
+    """``clients`` threads posting images back to back until the block ends; yields their status codes."""
+    stop, results = threading.Event(), []
+
+    def client():
+        while not stop.is_set():
+            try:
+                results.append(post(url, images[len(results) % len(images)], timeout=30).status_code)
+            except requests.RequestException:
+                results.append(-1)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
 
 
 def test_autoscaling_follows_load_and_a_killed_replica_is_replaced(endpoint, local_cluster, ray_cluster, model):
@@ -302,17 +318,8 @@ def test_autoscaling_follows_load_and_a_killed_replica_is_replaced(endpoint, loc
              and deployment(local_cluster)["deployment_config"]["ray_actor_options"]["num_cpus"] == 0.5, 300,
              "the autoscaling config to be running")
 
-    stop, results = threading.Event(), []
-    threads = [threading.Thread(target=load, args=(endpoint["url"], model["images"], stop, results))
-               for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    try:
+    with under_load(endpoint["url"], model["images"], clients=8):
         wait_for(lambda: deployment(local_cluster)["target_num_replicas"] > 1, 120, "a scale-up decision")
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
     wait_for(lambda: deployment(local_cluster)["target_num_replicas"] == 1, 180, "the scale-down decision")
     wait_for(lambda: len(running_replicas(local_cluster)) == 1, 180, "one running replica")
 
@@ -320,18 +327,10 @@ def test_autoscaling_follows_load_and_a_killed_replica_is_replaced(endpoint, loc
     import ray
 
     victim = next(r for r in deployment(local_cluster)["replicas"] if r["state"] == "RUNNING")
-    stop, results = threading.Event(), []
-    threads = [threading.Thread(target=load, args=(endpoint["url"], model["images"], stop, results))
-               for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    try:
+    with under_load(endpoint["url"], model["images"], clients=2) as statuses:
         time.sleep(2)
         ray.kill(ray.get_actor(victim["actor_name"], namespace="serve"), no_restart=True)
         wait_for(lambda: running_replicas(local_cluster) - {victim["replica_id"]}, 240, "a replacement replica")
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+    assert 200 in statuses  # the load really ran
     answers = [post(endpoint["url"], image) for image in model["images"]]
     assert [a.status_code for a in answers] == [200] * len(answers)

@@ -86,16 +86,6 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(pre
     assert history["checkpoint"] == best["checkpoint"]
 
 
-def test_rerunning_the_same_name_resumes(prepared, tmp_path):
-    run_training(tiny(prepared, tmp_path, "again", "train.epochs=2", "train.early_stopping_patience=0",
-                      "train.keep_checkpoints=3"))
-    best = run_training(tiny(prepared, tmp_path, "again", "train.epochs=3", "train.early_stopping_patience=0",
-                             "train.keep_checkpoints=3"))
-    final = history_of(tmp_path, "again")
-    assert [h["epoch"] for h in final] == [1, 2, 3] and final[-1]["start_epoch"] == 3
-    assert best["checkpoint"]
-
-
 def test_s3_data_and_checkpoints_and_evaluate_reads_them_back(prepared, s3_server, tmp_path, capsys):
     bucket = s3_server["bucket"]
     source = upload_folder(prepared / "prepared", f"s3://{bucket}/train-data")
