@@ -94,7 +94,7 @@ def main() -> None:
     from genderid.model import GenderNet, flops_per_image
     from genderid.predictor import Predictor
     from genderid.preprocess import Preprocessing
-    from genderid.serve_deploy import deploy, load_serve_config, wait_until_running
+    from genderid.serve_deploy import deploy, load_serve_config, set_checkpoint, wait_until_running
 
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     model = GenderNet(width=args.width, batch_norm=True).eval()
@@ -116,7 +116,7 @@ def main() -> None:
     serve_rows = []
     # (max_batch_size, max_ongoing_requests): serve_config.yaml's values, batching off, and a deep replica queue.
     for batch, ongoing, levels in ((8, 8, (1, 8, 32)), (1, 8, (1, 8, 32)), (8, 32, (32,))):
-        config = load_serve_config(checkpoint=str(checkpoint), port=port)
+        config = set_checkpoint(load_serve_config(port=port), str(checkpoint))
         app = config["applications"][0]
         app["args"]["max_batch_size"] = batch
         app["deployments"][0]["max_ongoing_requests"] = ongoing

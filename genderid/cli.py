@@ -173,9 +173,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from genderid.client import EndpointError
     from genderid.config import ConfigError
     from genderid.model import WeightsUnavailableError
-    from genderid.shards import DatasetError
-
     from genderid.preprocess import ImageDecodeError, ImageTooLargeError
+    from genderid.shards import DatasetError
 
     return (ConfigError, CelebaFormatError, DatasetError, CheckpointError, WeightsUnavailableError,
             FileNotFoundError, EndpointError, ImageDecodeError, ImageTooLargeError)

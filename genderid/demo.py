@@ -36,10 +36,9 @@ def _serve_running() -> bool:
 def _best_train_config(base, sweep_best: dict, workdir: Path):
     """The demo's config with the sweep winner's searched values, as a fresh Train run under ``workdir``."""
     from genderid.config import config_from_dict
+    from genderid.tune_ray import apply_params, searched_params
 
-    values, winner = base.to_dict(), sweep_best["config"]
-    values["train"].update({k: winner["train"][k] for k in ("lr", "batch_size", "weight_decay")})
-    values["model"]["unfreeze_depth"] = winner["model"]["unfreeze_depth"]
+    values = apply_params(base.to_dict(), searched_params(sweep_best))
     values["storage"] = {"path": str(workdir), "name": "train"}
     return config_from_dict(values)
 
@@ -74,7 +73,9 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
     from genderid.evaluate import default_split, evaluate_checkpoint
     from genderid.prepare import prepare
     from genderid.ray_runtime import init_ray
-    from genderid.serve_deploy import APP_NAME, DEFAULT_SERVE_CONFIG, deploy, load_serve_config, wait_until_running
+    from genderid.report import summary as report_summary
+    from genderid.serve_deploy import (APP_NAME, DEFAULT_SERVE_CONFIG, deploy, load_serve_config, set_checkpoint,
+                                       wait_until_running)
     from genderid.train_ray import run_training
     from genderid.tune_ray import results_table, run_sweep
 
@@ -85,7 +86,7 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
     config = load_config(config_path or named_config_path("tiny"),
                          [*DEMO_OVERRIDES, *overrides, f"data.source={data}", f"storage.path={workdir_path}",
                           "storage.name=sweep"])
-    serve_settings = load_serve_config(serve_config or DEFAULT_SERVE_CONFIG, port=port)
+    serve_settings = load_serve_config(serve_config or DEFAULT_SERVE_CONFIG, port=port)  # checked up front
     owns_ray = not ray.is_initialized()
     init_ray()
     owns_serve = not _serve_running()
@@ -119,10 +120,7 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
 
     _step(6, "serve the best checkpoint from serve_config.yaml")
     best_pointer = str(workdir_path / "train" / "best.json")
-    settings = load_serve_config(serve_config or DEFAULT_SERVE_CONFIG, checkpoint=best_pointer, port=port,
-                                 report=str(report_dir / "report.json"))
-    del serve_settings  # validated up front; rebuilt now that the checkpoint exists
-    deploy(settings)
+    deploy(set_checkpoint(serve_settings, best_pointer, report=str(report_dir / "report.json")))
     wait_until_running(APP_NAME)
     url = f"http://127.0.0.1:{port}"
     print(f"[demo] endpoint: {url}/predict")
@@ -137,7 +135,7 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
     summary = {
         "best_config": {"lr": train_config.train.lr, "unfreeze_depth": train_config.model.unfreeze_depth,
                         "batch_size": train_config.train.batch_size},
-        "test_metrics": {k: report[k] for k in ("split", "count", "accuracy", "balanced_accuracy", "auc")},
+        "test_metrics": report_summary(report),
         "endpoint": url, "predictions": predictions,
         "outputs": {"data": data, "sweep": str(workdir_path / "sweep"), "sweep_results": str(workdir_path / "sweep" /
                     "results.csv"), "train_run": str(workdir_path / "train"), "best_checkpoint": best["checkpoint"],

@@ -1,4 +1,4 @@
-"""Evaluation report: ``report.json`` and PNG plots. Pure (numpy + matplotlib), no Ray."""
+"""Evaluation report: ``report.json`` and PNG plots (and the sweep plot). Pure (numpy + matplotlib), no Ray."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,35 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# The headline figures of a report.json, as the demo's summary and the endpoint's /metadata show them.
+SUMMARY_KEYS = ("split", "count", "accuracy", "balanced_accuracy", "auc")
+
+
+def summary(report: dict) -> dict:
+    return {key: report.get(key) for key in SUMMARY_KEYS}
+
+
+def plot_sweep(rows: list[dict], metric: str = "val_accuracy") -> bytes:
+    """PNG bytes of a sweep: best ``metric`` against lr, one colour per unfreeze depth."""
+    import io
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    depths = sorted({r["config/unfreeze_depth"] for r in rows if "val_accuracy" in r})
+    for depth in depths:
+        points = [(r["config/lr"], r[metric]) for r in rows if r.get("config/unfreeze_depth") == depth and metric in r]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], label=f"unfreeze depth {depth}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"best {metric}")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path) -> None:

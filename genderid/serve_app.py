@@ -120,15 +120,13 @@ class GenderIdService:
         if self.args.report:
             import json
 
-            self.test_metrics = json.loads(storage.read_bytes(self.args.report))
+            from genderid.report import summary
+
+            self.test_metrics = summary(json.loads(storage.read_bytes(self.args.report)))
         self._infer.set_max_batch_size(self.args.max_batch_size)
         self._infer.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         logger.info("genderid: serving model %s from %s on %s", self.predictor.model_version,
                     self.predictor.checkpoint.source, device)
-
-    def check_health(self) -> None:
-        if self.predictor is None:
-            raise RuntimeError("genderid: no model loaded")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced from the args in __init__
     async def _infer(self, arrays: list[np.ndarray]) -> list[dict]:
@@ -164,15 +162,12 @@ class GenderIdService:
     def metadata(self) -> dict:
         loaded = self.predictor.checkpoint
         meta = loaded.meta
-        test = None
-        if self.test_metrics is not None:
-            test = {k: self.test_metrics.get(k) for k in ("split", "count", "accuracy", "balanced_accuracy", "auc")}
         return {
             "model_version": loaded.version, "checkpoint": loaded.source, "labels": loaded.labels,
             "input_size": list(self.predictor.preprocessing.image_size), "preprocessing": meta["preprocessing"],
             "architecture": meta["architecture"], "epoch": meta.get("epoch"),
             "validation_metrics": {k: v for k, v in meta.get("metrics", {}).items() if k.startswith("val_")},
-            "test_metrics": test,
+            "test_metrics": self.test_metrics,
             "batching": {"max_batch_size": self.args.max_batch_size,
                          "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
             "limits": {"max_body_bytes": self.limits.max_body_bytes, "max_pixels": self.limits.max_pixels,

@@ -12,25 +12,35 @@ APP_NAME = "genderid"
 DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
 
 
-def load_serve_config(path: str | Path = DEFAULT_SERVE_CONFIG, checkpoint: Optional[str] = None,
-                      port: Optional[int] = None, report: Optional[str] = None) -> dict:
-    """``serve_config.yaml`` with the genderid application's checkpoint (and the HTTP port) replaced."""
+def _app(config: dict) -> dict:
+    apps = [a for a in config.get("applications", []) if a.get("name") == APP_NAME]
+    if len(apps) != 1:
+        raise ValueError(f"Serve config: needs exactly one application named {APP_NAME!r}")
+    return apps[0]
+
+
+def load_serve_config(path: str | Path = DEFAULT_SERVE_CONFIG, port: Optional[int] = None) -> dict:
+    """``serve_config.yaml`` (validated as ``serve run`` validates it), with the HTTP port replaced if given."""
     from ray.serve.schema import ServeDeploySchema
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: Serve config not found")
-    config = copy.deepcopy(yaml.safe_load(path.read_text()))
-    apps = [a for a in config.get("applications", []) if a.get("name") == APP_NAME]
-    if len(apps) != 1:
-        raise ValueError(f"{path}: needs exactly one application named {APP_NAME!r}")
-    if checkpoint is not None:
-        apps[0]["args"]["checkpoint"] = str(checkpoint)
-    if report is not None:
-        apps[0]["args"]["report"] = str(report)
+    config = yaml.safe_load(path.read_text())
+    _app(config)
     if port is not None:
         config.setdefault("http_options", {})["port"] = int(port)
-    ServeDeploySchema.model_validate(config)  # the same validation `serve run` applies
+    ServeDeploySchema.model_validate(config)
+    return config
+
+
+def set_checkpoint(config: dict, checkpoint: str, report: Optional[str] = None) -> dict:
+    """A copy of ``config`` whose genderid application serves ``checkpoint`` (and shows ``report``)."""
+    config = copy.deepcopy(config)
+    args = _app(config)["args"]
+    args["checkpoint"] = str(checkpoint)
+    if report is not None:
+        args["report"] = str(report)
     return config
 
 

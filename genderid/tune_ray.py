@@ -8,7 +8,6 @@ on ``tune.metric``, counted in our own ``epoch`` (Tune's ``training_iteration`` 
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from genderid import storage
+from genderid.report import plot_sweep
 from genderid.config import Config, config_from_dict
 from genderid.train_ray import build_trainer, storage_uri
 
@@ -25,14 +25,22 @@ PARAMS = ("lr", "unfreeze_depth", "batch_size", "weight_decay")
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its Train run; Tune rejects 0
 
 
+def apply_params(values: dict, params: dict) -> dict:
+    """Put searched values (keys of ``PARAMS``) into a config dict in place; returns it."""
+    for key, value in params.items():
+        section = "model" if key == "unfreeze_depth" else "train"
+        values[section][key] = value
+    return values
+
+
+def searched_params(best: dict) -> dict:
+    """The searched values of a sweep's ``best.json`` (its ``config/<param>`` entries)."""
+    return {k: v for k in PARAMS if (v := best["metrics"].get(f"config/{k}")) is not None}
+
+
 def trial_config(base: dict, params: dict, trials_dir: str, trial_id: str) -> Config:
     """The trial's full config: the sweep's config with the sampled values, run under ``trials_dir/trial_id``."""
-    values = copy.deepcopy(base)
-    values["train"]["lr"] = params["lr"]
-    values["model"]["unfreeze_depth"] = params["unfreeze_depth"]
-    for key in ("batch_size", "weight_decay"):
-        if key in params:
-            values["train"][key] = params[key]
+    values = apply_params(copy.deepcopy(base), params)
     values["train"]["epochs"] = values["tune"]["max_epochs"]
     # Keep the checkpoints that are best by the sweep's metric, so the best one is never rotated away.
     values["train"]["checkpoint_metric"] = values["tune"]["metric"]
@@ -106,29 +114,6 @@ def summarise(grid, config: Config) -> list[dict]:
                      "checkpoint": _uri(str(best["checkpoint_path"]), config)})
     reverse = mode == "max"
     return sorted(rows, key=lambda r: r.get(f"best_{metric}", -math.inf if reverse else math.inf), reverse=reverse)
-
-
-def plot_sweep(rows: list[dict], metric: str = "val_accuracy") -> bytes:
-    """PNG bytes: best ``metric`` against lr, one colour per unfreeze depth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    depths = sorted({r["config/unfreeze_depth"] for r in rows if "val_accuracy" in r})
-    for depth in depths:
-        points = [(r["config/lr"], r[metric]) for r in rows if r.get("config/unfreeze_depth") == depth and metric in r]
-        ax.scatter([p[0] for p in points], [p[1] for p in points], label=f"unfreeze depth {depth}")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"best {metric}")
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def results_table(rows: list[dict], metric: str = "val_accuracy") -> str:

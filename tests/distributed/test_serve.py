@@ -249,7 +249,8 @@ def test_checkpoint_from_s3_and_bad_updates_leave_the_old_model_serving(endpoint
 
     def serving_from_s3():
         try:
-            return requests.get(endpoint["url"] + "/metadata", timeout=5).json().get("checkpoint", "").startswith(prefix)
+            served = requests.get(endpoint["url"] + "/metadata", timeout=5).json().get("checkpoint", "")
+            return served.startswith(prefix)
         except (requests.RequestException, ValueError):
             return False
 
