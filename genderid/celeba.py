@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from genderid import storage
+from genderid.errors import UserError
 
 ATTRIBUTES = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
@@ -35,8 +36,12 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 SPLIT_RECIPES = ("official", "balanced")
 
 
-class CelebaFormatError(ValueError):
+class CelebaFormatError(UserError, ValueError):
     """A CelebA file is missing or malformed; the message names the file and line."""
+
+
+class SplitError(UserError, ValueError):
+    """A split request the data set cannot satisfy (e.g. more balanced images than it has)."""
 
 
 @dataclass
@@ -182,7 +187,7 @@ def balanced_split(index: CelebaIndex, per_class: int, test_per_class: int, val_
         rows = np.flatnonzero(index.male == label)
         if per_class + test_per_class > len(rows):
             name = "male" if label else "female"
-            raise ValueError(f"balanced split: needs {per_class} + {test_per_class} {name} images, "
+            raise SplitError(f"balanced split: needs {per_class} + {test_per_class} {name} images, "
                              f"the data set has {len(rows)}")
         chosen = rows[:per_class]
         n_val = int(round(per_class * val_fraction))

@@ -3,7 +3,8 @@
 A checkpoint directory holds::
 
     model.pt         the model's state dict (loaded with weights_only=True)
-    meta.json        format version, SHA-256 of model.pt (and train_state.pt), the model's architecture,
+    meta.json        format version, SHA-256 of model.pt (and train_state.pt), the model's description (the
+                     ``model`` config section it was built from and is rebuilt from),
                      the resolved config, the preprocessing it expects, label names, metrics and epoch
     train_state.pt   optional: optimizer state and loop state, for resuming a run
 
@@ -12,6 +13,7 @@ Everything needed to rebuild and feed the model is in the directory. A ``best.js
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -23,17 +25,19 @@ from typing import Any, Optional
 import torch
 
 from genderid import storage
+from genderid.config import ConfigError, ModelConfig, model_config_from_dict
+from genderid.errors import UserError
 from genderid.model import LABELS, GenderNet
 from genderid.preprocess import Preprocessing
 
 FORMAT = "genderid-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the model is described by its `model` config section (1: `architecture`)
 WEIGHTS_FILE = "model.pt"
 META_FILE = "meta.json"
 TRAIN_STATE_FILE = "train_state.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, malformed or fails its SHA-256 check."""
 
 
@@ -47,9 +51,18 @@ def _serialise(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def architecture(model: GenderNet) -> dict:
-    """The constructor arguments that rebuild ``model``."""
-    return {**model.architecture, "unfreeze_depth": model.unfreeze_depth}
+def model_description(model: GenderNet) -> dict:
+    """The ``model`` config section that rebuilds ``model`` (``GenderNet(ModelConfig(**description))``)."""
+    return dataclasses.asdict(model.config)
+
+
+def model_config_of(meta: dict, where: str) -> ModelConfig:
+    """The validated :class:`ModelConfig` a ``meta.json`` describes (untrusted: unknown keys are refused)."""
+    description = meta.get("model") if meta.get("format_version") == FORMAT_VERSION else meta.get("architecture")
+    try:
+        return model_config_from_dict(description)
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: invalid model description: {exc}") from None
 
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, *, preprocessing: Preprocessing,
@@ -68,7 +81,7 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, *, preprocess
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "weights_file": WEIGHTS_FILE, "weights_sha256": _sha256(weights),
-        "architecture": architecture(model), "preprocessing": preprocessing.to_dict(),
+        "model": model_description(model), "preprocessing": preprocessing.to_dict(),
         "labels": list(LABELS), "config": config or {}, "metrics": metrics or {}, "epoch": epoch,
         "history": history or [], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -146,12 +159,16 @@ def load_checkpoint(location: str, map_location: str | torch.device = "cpu",
         meta = json.loads(meta_path.read_text())
     except ValueError as exc:
         raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} checkpoint")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{meta_path}: not a {FORMAT} v1-v{FORMAT_VERSION} checkpoint")
+    model_config = model_config_of(meta, str(meta_path))
     weights = _verified(directory / meta["weights_file"], meta.get("weights_sha256"), "weights")
     state = torch.load(io.BytesIO(weights), map_location=map_location, weights_only=True)
-    model = GenderNet(**meta["architecture"])
-    model.load_state_dict(state)
+    model = GenderNet(model_config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: weights do not fit the model its {META_FILE} describes: {exc}") from None
     model.eval()
     train_state = None
     if with_train_state and meta.get("train_state_sha256"):

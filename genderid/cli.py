@@ -167,17 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message is the whole story for the user: printed without a traceback."""
-    from genderid.celeba import CelebaFormatError
-    from genderid.checkpoint import CheckpointError
-    from genderid.client import EndpointError
-    from genderid.config import ConfigError
-    from genderid.model import WeightsUnavailableError
-    from genderid.preprocess import ImageDecodeError, ImageTooLargeError
-    from genderid.shards import DatasetError
+    """Errors whose message is the whole story for the user: printed on one line, without a traceback."""
+    from genderid.errors import UserError
 
-    return (ConfigError, CelebaFormatError, DatasetError, CheckpointError, WeightsUnavailableError,
-            FileNotFoundError, EndpointError, ImageDecodeError, ImageTooLargeError)
+    return (UserError, FileNotFoundError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -7,8 +7,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from genderid.errors import UserError
 
-class EndpointError(RuntimeError):
+
+class EndpointError(UserError, RuntimeError):
     """The endpoint answered with an error, or could not be reached."""
 
 

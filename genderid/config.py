@@ -17,9 +17,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from genderid.errors import UserError
 
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config key is unknown or its value is invalid; the message names the key."""
 
 
@@ -145,6 +147,8 @@ class ScalingConfig:
     # torch intra-op threads per worker; 0 = Ray's default (its CPU share). More than the share lets a lone
     # CPU worker use cores that Ray Data's decode tasks leave idle.
     torch_threads: int = 0
+    # How Ray places the workers: PACK fills nodes first; STRICT_SPREAD puts each worker on its own node.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -299,6 +303,13 @@ def config_from_dict(values: dict[str, Any] | None, overrides: list[str] = ()) -
             node = child
         node[parts[-1]] = value
     return _build(Config, merged, "").validate()
+
+
+def model_config_from_dict(values: Any) -> ModelConfig:
+    """A validated :class:`ModelConfig` from a plain dict, e.g. a checkpoint's stored description."""
+    model = _build(ModelConfig, values, "model.")
+    model.validate()
+    return model
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

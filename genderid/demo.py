@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 DEMO_OVERRIDES = ("tune.num_samples=4", "tune.max_epochs=3", "tune.unfreeze_depth=[1, 3, 5]",
                   "tune.lr=[0.0003, 0.01]", "train.epochs=4")
 SAMPLE_IMAGES = 4
+SWEEP_RUN, TRAIN_RUN = "sweep", "train"  # the demo's run names under its workdir
 
 
 def _step(number: int, text: str) -> None:
@@ -36,10 +37,10 @@ def _serve_running() -> bool:
 def _best_train_config(base, sweep_best: dict, workdir: Path):
     """The demo's config with the sweep winner's searched values, as a fresh Train run under ``workdir``."""
     from genderid.config import config_from_dict
-    from genderid.tune_ray import apply_params, searched_params
+    from genderid.search import apply_params
 
-    values = apply_params(base.to_dict(), searched_params(sweep_best))
-    values["storage"] = {"path": str(workdir), "name": "train"}
+    values = apply_params(base.to_dict(), sweep_best["params"])
+    values["storage"] = {"path": str(workdir), "name": TRAIN_RUN}
     return config_from_dict(values)
 
 
@@ -68,12 +69,14 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
     """Run the whole job; returns the summary that is also printed and written to ``workdir/summary.json``."""
     import ray
 
+    from genderid import runs
     from genderid.client import predict_url
     from genderid.config import load_config, named_config_path
     from genderid.evaluate import default_split, evaluate_checkpoint
     from genderid.prepare import prepare
     from genderid.ray_runtime import init_ray
     from genderid.report import summary as report_summary
+    from genderid.search import describe
     from genderid.serve_deploy import (APP_NAME, DEFAULT_SERVE_CONFIG, deploy, load_serve_config, set_checkpoint,
                                        wait_until_running)
     from genderid.train_ray import run_training
@@ -85,7 +88,7 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
     # Validate everything the user gave before any work starts.
     config = load_config(config_path or named_config_path("tiny"),
                          [*DEMO_OVERRIDES, *overrides, f"data.source={data}", f"storage.path={workdir_path}",
-                          "storage.name=sweep"])
+                          f"storage.name={SWEEP_RUN}"])
     serve_settings = load_serve_config(serve_config or DEFAULT_SERVE_CONFIG, port=port)  # checked up front
     owns_ray = not ray.is_initialized()
     init_ray()
@@ -103,11 +106,12 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
 
     _step(3, f"Tune sweep: {config.tune.num_samples} trials, ASHA over lr x unfreeze depth")
     rows, sweep_best = run_sweep(config)
+    sweep_dir = runs.run_dir_of(config)
     print(results_table(rows, config.tune.metric))
 
     train_config = _best_train_config(config, sweep_best, workdir_path)
-    _step(4, f"train the best config (lr {train_config.train.lr:.3g}, unfreeze depth "
-             f"{train_config.model.unfreeze_depth}) for {train_config.train.epochs} epochs on Ray Train")
+    _step(4, f"train the best config ({describe(sweep_best['params'])}) for {train_config.train.epochs} epochs "
+             "on Ray Train")
     best = run_training(train_config)
     print(f"[demo] best checkpoint: {best['checkpoint']}")
 
@@ -119,7 +123,7 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
           f"AUC {report['auc']:.3f} on {report['count']} images")
 
     _step(6, "serve the best checkpoint from serve_config.yaml")
-    best_pointer = str(workdir_path / "train" / "best.json")
+    best_pointer = runs.path(runs.run_dir(str(workdir_path), TRAIN_RUN), runs.BEST_FILE)
     deploy(set_checkpoint(serve_settings, best_pointer, report=str(report_dir / "report.json")))
     wait_until_running(APP_NAME)
     url = f"http://127.0.0.1:{port}"
@@ -133,12 +137,11 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
         print(f"[demo] {path.name}: {answer['label']} (p_male {answer['p_male']:.3f}; true: {truth})")
 
     summary = {
-        "best_config": {"lr": train_config.train.lr, "unfreeze_depth": train_config.model.unfreeze_depth,
-                        "batch_size": train_config.train.batch_size},
+        "best_config": {**sweep_best["params"], "batch_size": train_config.train.batch_size},
         "test_metrics": report_summary(report),
         "endpoint": url, "predictions": predictions,
-        "outputs": {"data": data, "sweep": str(workdir_path / "sweep"), "sweep_results": str(workdir_path / "sweep" /
-                    "results.csv"), "train_run": str(workdir_path / "train"), "best_checkpoint": best["checkpoint"],
+        "outputs": {"data": data, "sweep": sweep_dir, "sweep_results": runs.path(sweep_dir, runs.RESULTS_FILE),
+                    "train_run": runs.run_dir(str(workdir_path), TRAIN_RUN), "best_checkpoint": best["checkpoint"],
                     "best_json": best_pointer, "report": str(report_dir)},
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -7,48 +7,60 @@ stay in eval mode, so they cost no autograd memory and their BatchNorm statistic
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import os
+import re
+from typing import Optional
 
 import torch
 from torch import nn
 from torchvision.models import VGG16_BN_Weights, VGG16_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
+from genderid.config import ModelConfig
+from genderid.errors import UserError
+
 LABELS = ("female", "male")  # class index 1 = CelebA's Male attribute
 NUM_BLOCKS = 5
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """The requested pretrained weights cannot be found or downloaded."""
 
 
 class GenderNet(nn.Module):
-    """VGG16 features -> global average pool -> Linear(hidden) -> ReLU -> BatchNorm1d -> Linear(2)."""
+    """VGG16 features -> global average pool -> Linear(hidden) -> ReLU -> BatchNorm1d -> Linear(2).
 
-    def __init__(self, width: float = 1.0, batch_norm: bool = False, head_hidden: int = 128,
-                 unfreeze_depth: int = NUM_BLOCKS, dropout: float = 0.0):
+    Built from a :class:`genderid.config.ModelConfig` (the one description of the model: a checkpoint stores it
+    and rebuilds from it); keyword arguments override its fields, e.g. ``GenderNet(width=0.25)``.
+    """
+
+    def __init__(self, config: Optional[ModelConfig] = None, **fields):
         super().__init__()
-        if not 0 <= unfreeze_depth <= NUM_BLOCKS:
-            raise ValueError(f"unfreeze_depth must be 0-{NUM_BLOCKS}, got {unfreeze_depth}")
-        # Constructor arguments, so a checkpoint can rebuild exactly this model.
-        self.architecture = {"width": width, "batch_norm": batch_norm, "head_hidden": head_hidden, "dropout": dropout}
-        layout = [v if v == "M" else max(1, int(round(v * width))) for v in cfgs["D"]]
-        self.features = make_layers(layout, batch_norm=batch_norm)
+        self.config = dataclasses.replace(config or ModelConfig(), **fields)
+        self.config.validate()
+        layout = [v if v == "M" else max(1, int(round(v * self.config.width))) for v in cfgs["D"]]
+        self.features = make_layers(layout, batch_norm=self.config.batch_norm)
         # Index in `features` after each block's max-pool: blocks are features[bounds[i]:bounds[i+1]].
         pools = [i for i, layer in enumerate(self.features) if isinstance(layer, nn.MaxPool2d)]
         self.block_bounds = [0] + [p + 1 for p in pools]
         channels = [v for v in layout if v != "M"][-1]
+        hidden = self.config.head_hidden
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, head_hidden), nn.ReLU(inplace=True),
-            nn.BatchNorm1d(head_hidden), nn.Dropout(dropout), nn.Linear(head_hidden, len(LABELS)),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, hidden), nn.ReLU(inplace=True),
+            nn.BatchNorm1d(hidden), nn.Dropout(self.config.dropout), nn.Linear(hidden, len(LABELS)),
         )
-        self.unfreeze_depth = unfreeze_depth
-        self.set_unfreeze_depth(unfreeze_depth)
+        self.set_unfreeze_depth(self.config.unfreeze_depth)
 
     def block(self, index: int) -> nn.Sequential:
         """Conv block ``index`` (0-4) of the backbone."""
         return self.features[self.block_bounds[index]:self.block_bounds[index + 1]]
+
+    @property
+    def unfreeze_depth(self) -> int:
+        return self.config.unfreeze_depth
 
     @property
     def frozen_blocks(self) -> int:
@@ -56,7 +68,9 @@ class GenderNet(nn.Module):
 
     def set_unfreeze_depth(self, depth: int) -> None:
         """Let the last ``depth`` conv blocks and the head train; freeze the rest."""
-        self.unfreeze_depth = depth
+        if not 0 <= depth <= NUM_BLOCKS:
+            raise ValueError(f"unfreeze_depth must be 0-{NUM_BLOCKS}, got {depth}")
+        self.config = dataclasses.replace(self.config, unfreeze_depth=depth)
         for index in range(NUM_BLOCKS):
             for param in self.block(index).parameters():
                 param.requires_grad_(index >= self.frozen_blocks)
@@ -79,14 +93,42 @@ class GenderNet(nn.Module):
 
 def _imagenet_state_dict(batch_norm: bool) -> dict[str, torch.Tensor]:
     weights = VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    try:
-        return weights.get_state_dict(progress=False)
-    except Exception as exc:  # offline: URLError / OSError from the download
+    return load_published_weights(weights.url, os.path.join(torch.hub.get_dir(), "checkpoints"))
+
+
+def load_published_weights(url: str, cache_dir: str) -> dict[str, torch.Tensor]:
+    """A published state dict, from ``cache_dir`` or downloaded there, checked and loaded safely.
+
+    torchvision names its weight files ``<name>-<first hex digits of their SHA-256>.pth``; that prefix is checked
+    before the file is read, and the file is loaded with ``weights_only=True`` (no pickled code runs). torchvision's
+    own loader does neither unless asked.
+    """
+    filename = os.path.basename(url)
+    match = re.search(r"-([0-9a-f]{8,64})\.", filename)
+    if not match:
+        raise WeightsUnavailableError(f"{url}: the file name carries no SHA-256 prefix to check it against")
+    expected = match.group(1)
+    cached = os.path.join(cache_dir, filename)
+    if not os.path.isfile(cached):
+        os.makedirs(cache_dir, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, cached, hash_prefix=expected, progress=False)
+        except Exception as exc:  # offline: URLError / OSError; a bad download: RuntimeError from the hash check
+            raise WeightsUnavailableError(
+                f"ImageNet VGG16 weights are not cached at {cached} and could not be downloaded ({exc}). "
+                f"Download {url} to that path on a machine with internet access, or set "
+                f"model.weights to a local path or s3:// URI of that file.") from None
+    with open(cached, "rb") as handle:
+        data = handle.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if not digest.startswith(expected):
         raise WeightsUnavailableError(
-            f"ImageNet VGG16 weights are not cached at {cached} and could not be downloaded ({exc}). "
-            f"Download {weights.url} to that path on a machine with internet access, or set "
-            f"model.weights to a local path or s3:// URI of that file.") from None
+            f"{cached}: SHA-256 {digest[:len(expected)]}... does not match the published {expected} of {filename}; "
+            "refusing to load it. Delete the file and download it again.")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsUnavailableError(f"{cached}: not a loadable state dict ({exc})") from None
 
 
 def _file_state_dict(location: str) -> dict[str, torch.Tensor]:
@@ -117,9 +159,7 @@ def load_backbone_weights(model: GenderNet, weights: str) -> None:
 
 def build_model(model_config, load_weights: bool = True) -> GenderNet:
     """Build the model a :class:`genderid.config.ModelConfig` describes (pretrained weights included)."""
-    model = GenderNet(width=model_config.width, batch_norm=model_config.batch_norm,
-                      head_hidden=model_config.head_hidden, unfreeze_depth=model_config.unfreeze_depth,
-                      dropout=model_config.dropout)
+    model = GenderNet(model_config)
     if load_weights:
         load_backbone_weights(model, model_config.weights)
     return model

@@ -28,7 +28,7 @@ def split_for(index: celeba.CelebaIndex, recipe: str, per_class: int, test_per_c
         split = celeba.balanced_split(index, per_class, test_per_class, val_fraction=0.2, seed=seed)
         return split, {"recipe": "balanced", "per_class": per_class, "test_per_class": test_per_class,
                        "val_fraction": 0.2, "seed": seed}
-    raise ValueError(f"split recipe must be one of {celeba.SPLIT_RECIPES}, got {recipe!r}")
+    raise celeba.SplitError(f"split recipe must be one of {celeba.SPLIT_RECIPES}, got {recipe!r}")
 
 
 def prepare(source: str, destination: str, recipe: str = "official", per_class: int = 20000,

@@ -12,16 +12,18 @@ from typing import Iterable, Optional, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from genderid.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ImageInput = Union[bytes, bytearray, memoryview, Image.Image]
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """The bytes are empty, corrupt or not an image."""
 
 
-class ImageTooLargeError(ValueError):
+class ImageTooLargeError(UserError, ValueError):
     """The image's dimensions exceed the pixel limit (a decompression bomb, or just far too big)."""
 
 

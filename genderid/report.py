@@ -29,9 +29,10 @@ def plot_sweep(rows: list[dict], metric: str = "val_accuracy") -> bytes:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    depths = sorted({r["config/unfreeze_depth"] for r in rows if "val_accuracy" in r})
+    column = f"best_{metric}"  # the summary rows' name for a trial's best value of the sweep's metric
+    depths = sorted({r["config/unfreeze_depth"] for r in rows if column in r})
     for depth in depths:
-        points = [(r["config/lr"], r[metric]) for r in rows if r.get("config/unfreeze_depth") == depth and metric in r]
+        points = [(r["config/lr"], r[column]) for r in rows if r.get("config/unfreeze_depth") == depth and column in r]
         ax.scatter([p[0] for p in points], [p[1] for p in points], label=f"unfreeze depth {depth}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")

@@ -20,6 +20,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from genderid.checkpoint import model_description
 from genderid.http_inputs import MULTIPART, Limits, RequestError, check_image_type, decode_upload, media_type
 
 logger = logging.getLogger("ray.serve")
@@ -165,7 +166,7 @@ class GenderIdService:
         return {
             "model_version": loaded.version, "checkpoint": loaded.source, "labels": loaded.labels,
             "input_size": list(self.predictor.preprocessing.image_size), "preprocessing": meta["preprocessing"],
-            "architecture": meta["architecture"], "epoch": meta.get("epoch"),
+            "architecture": model_description(loaded.model), "epoch": meta.get("epoch"),
             "validation_metrics": {k: v for k, v in meta.get("metrics", {}).items() if k.startswith("val_")},
             "test_metrics": self.test_metrics,
             "batching": {"max_batch_size": self.args.max_batch_size,

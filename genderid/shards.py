@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from genderid import storage
+from genderid.errors import UserError
 from genderid.celeba import ATTRIBUTES, SPLITS, CelebaIndex
-from genderid.preprocess import ImageDecodeError, open_image
+from genderid.preprocess import ImageDecodeError, ImageTooLargeError, open_image
 
 MANIFEST = "_manifest.json"
 FORMAT = "genderid-parquet"
@@ -41,7 +42,7 @@ SCHEMA = pa.schema(
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A prepared location is missing, unfinished or not a genderid data set."""
 
 
@@ -80,18 +81,30 @@ def plan_shards(index: CelebaIndex, split: np.ndarray, rows_per_shard: int) -> l
     return specs
 
 
+# The largest source image prepare decodes; CelebA's are 178x218, and a larger "image" is most likely a
+# decompression bomb (a few kB of PNG that would decode to gigabytes). Such images are skipped and counted.
+MAX_SOURCE_PIXELS = 40_000_000
+
+
 def write_shard(spec: dict, source: str, destination: str) -> dict:
     """Read and check one shard's JPEGs, write ``destination/part-NNNNN.parquet``; return its summary.
 
-    Images that cannot be read or decoded are skipped and listed, never written.
+    Images that cannot be decoded (corrupt, truncated, decompression bombs) are skipped and listed, never
+    written. Images that cannot be *read* (missing, permissions, a network error that persisted through the S3
+    client's retries) are listed as ``failed``: they say nothing about the data, and the prepare must fail rather
+    than silently unbalance the data set.
     """
-    ids, images, keep, skipped = list(spec["image_ids"]), [], [], []
+    ids, images, keep, skipped, failed = list(spec["image_ids"]), [], [], [], []
     for row, image_id in enumerate(ids):
         uri = storage.join(source, "img_align_celeba", image_id)
         try:
             data = storage.read_bytes(uri)
-            open_image(data)  # full decode: catches truncated as well as corrupt files
-        except (OSError, ImageDecodeError) as exc:
+        except OSError as exc:
+            failed.append({"image_id": image_id, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        try:
+            open_image(data, max_pixels=MAX_SOURCE_PIXELS)  # full decode: catches truncated as well as corrupt
+        except (ImageDecodeError, ImageTooLargeError) as exc:
             skipped.append({"image_id": image_id, "error": str(exc)[:200]})
             continue
         images.append(data)
@@ -105,7 +118,7 @@ def write_shard(spec: dict, source: str, destination: str) -> dict:
     pq.write_table(table, buffer, compression="none")  # JPEG bytes do not compress further
     storage.write_bytes(storage.join(destination, name), buffer.getvalue())
     return {"file": name, "rows": table.num_rows, "counts": split_counts(split, attributes[:, ATTRIBUTES.index("Male")]),
-            "skipped": skipped}
+            "skipped": skipped, "failed": failed}
 
 
 def split_counts(split: np.ndarray, male: np.ndarray) -> dict:
@@ -151,6 +164,12 @@ def prepare_dataset(index: CelebaIndex, split: np.ndarray, destination: str, rec
     specs = plan_shards(index, split, rows_per_shard)
     target = storage.join(destination, version)
     results = sorted(run_tasks(lambda spec: write_shard(spec, index.root, target), specs), key=lambda r: r["file"])
+    failed = [f for r in results for f in r.get("failed", [])]
+    if failed:  # nothing is published: the previous data set (if any) stays the current one
+        storage.delete_dir(target)
+        first = failed[0]
+        raise DatasetError(f"{index.root}: {len(failed)} image(s) could not be read (after the storage client's "
+                           f"retries), e.g. {first['image_id']}: {first['error']}; nothing was published")
     skipped = [s for r in results for s in r["skipped"]]
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,

@@ -35,10 +35,23 @@ def _s3_filesystem() -> pafs.S3FileSystem:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
+    # Transient errors (throttling, resets, 5xx) are retried by the S3 client itself; AWS_MAX_ATTEMPTS is the
+    # standard AWS setting for how often.
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=_max_attempts())
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
+
+
+DEFAULT_MAX_ATTEMPTS = 5
+
+
+def _max_attempts() -> int:
+    try:
+        return max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS)))
+    except ValueError:
+        return DEFAULT_MAX_ATTEMPTS
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

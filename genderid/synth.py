@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw
 
 from genderid.celeba import ATTR_FILE, ATTRIBUTES, IDENTITY_FILE, IMAGE_DIR, PARTITION_FILE
 
+from genderid.errors import UserError
+
 HAIR_COLOURS = {"Black_Hair": (25, 20, 18), "Brown_Hair": (95, 60, 35), "Blond_Hair": (215, 185, 110),
                 "Gray_Hair": (150, 150, 150)}
 SKIN_TONES = [(241, 208, 180), (224, 172, 130), (190, 135, 95), (140, 95, 65), (95, 62, 45)]
@@ -117,9 +119,9 @@ def write_synthetic_celeba(out: str | Path, n: int = 1000, seed: int = 0, size: 
     test in ``split_fractions`` order (the rest is test), so the splits are identity-disjoint.
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UserError(f"--n: must be >= 1, got {n}")
     if min(size) < 16:
-        raise ValueError(f"image size must be at least 16x16, got {size[0]}x{size[1]}")
+        raise UserError(f"--size: must be at least 16x16, got {size[0]}x{size[1]}")
     out = Path(out)
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     persons = (n + PHOTOS_PER_PERSON - 1) // PHOTOS_PER_PERSON

@@ -15,21 +15,20 @@ import json
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from genderid import engine, storage
+from genderid import engine, runs, storage
 from genderid.checkpoint import load_checkpoint, save_checkpoint
-from genderid.config import Config, config_from_dict
+from genderid.config import Config, ConfigError, config_from_dict
 from genderid.model import build_model
 from genderid.preprocess import Preprocessing
+from genderid.train_hooks import TrainHooks
 
 
 class TrainDataConfig(DataConfig):
@@ -58,10 +57,23 @@ def _gather(obj):
     return out
 
 
+def sync_buffers_from_rank0(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    Each rank updates its statistics on its own shard, while only rank 0's model is saved; after this, every rank
+    validates exactly the model that the checkpoint holds, so val metrics, checkpoint ranking and early stopping
+    describe the saved model.
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    for buffer in module.buffers():
+        torch.distributed.broadcast(buffer.data, src=0)
+
+
 def train_loop(loop_config: dict) -> None:
     """Per-worker loop: resume if a checkpoint exists, then train / validate / report / checkpoint each epoch."""
     config = config_from_dict(loop_config["config"])
-    hooks = loop_config.get("hooks") or {}
+    hooks: TrainHooks = loop_config.get("hooks") or TrainHooks()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.train.seed + rank)
@@ -81,7 +93,8 @@ def train_loop(loop_config: dict) -> None:
         state = loaded.train_state["loop"]
     if options.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = hooks.prepare_model(model, ray.train.torch.prepare_model)
+    module = getattr(model, "module", model)
     optimizer = engine.make_optimizer(model, config.train.optimizer, config.train.lr, config.train.weight_decay)
     if restored is not None:
         optimizer.load_state_dict(loaded.train_state["optimizer"])
@@ -92,35 +105,27 @@ def train_loop(loop_config: dict) -> None:
     from genderid.ray_data import torch_collate
 
     for epoch in range(start_epoch, config.train.epochs + 1):
-        if hooks.get("fail_at_epoch") == epoch and rank == world - 1:
-            marker = Path(hooks["marker_dir"]) / "failed"
-            if not marker.exists():  # fail once: the replacement worker must get past this epoch
-                marker.touch()
-                time.sleep(3)  # let the controller register the previous epoch's checkpoint first
-                os._exit(1)
+        hooks.on_epoch_start(epoch, rank, world)
         engine.set_lr(optimizer, engine.scheduled_lr(config.train.lr, config.train.lr_schedule, epoch,
                                                      config.train.epochs))
-        seen_ids: list[str] = []
-        batches = train_shard.iter_torch_batches(batch_size=config.train.batch_size,
-                                                 local_shuffle_buffer_size=config.train.batch_size * 8,
-                                                 collate_fn=torch_collate())
-        if hooks.get("record_dir"):
-            batches = _recording(batches, seen_ids)
+        batches = hooks.wrap_train_batches(
+            train_shard.iter_torch_batches(batch_size=config.train.batch_size,
+                                           local_shuffle_buffer_size=config.train.batch_size * 8,
+                                           collate_fn=torch_collate()), model, epoch, rank)
         join = model.join() if hasattr(model, "join") else contextlib.nullcontext()
         started = time.perf_counter()
         with join:
             stats = engine.train_one_epoch(model, batches, optimizer, options)
         train_seconds = time.perf_counter() - started
+        sync_buffers_from_rank0(module)
         # Evaluate the unwrapped module: DDP's forward syncs buffers collectively, which would hang on shards
         # of unequal length.
         val_batches = val_shard.iter_torch_batches(batch_size=64, collate_fn=torch_collate())
-        val = engine.Predictions.merge(_gather(engine.predict(getattr(model, "module", model), val_batches, options)))
+        val = engine.Predictions.merge(_gather(engine.predict(module, val_batches, options)))
         parts = _gather((stats["loss"] * stats["images"], stats["accuracy"] * stats["images"], stats["images"],
                          train_seconds))
         metrics = _epoch_metrics(epoch, start_epoch, parts, val.metrics(), time.perf_counter() - started)
-        if hooks.get("record_dir"):
-            record = Path(hooks["record_dir"]) / f"epoch{epoch}-rank{rank}.json"
-            record.write_text(json.dumps(seen_ids))
+        hooks.on_epoch_end(epoch, rank, module)
         # Every rank sees the same gathered val loss, so every rank takes the same decision.
         stop = engine.early_stopping_update(state, metrics["val_loss"], config.train.early_stopping_patience)
         metrics["early_stopped"] = stop
@@ -128,7 +133,7 @@ def train_loop(loop_config: dict) -> None:
         state["history"] = state["history"] + [metrics]
         if rank == 0:
             # The whole run's curve, beside best.json; checkpoints alone may not hold the last epochs (top-k).
-            storage.write_bytes(storage.join(loop_config["run_dir"], "history.json"),
+            storage.write_bytes(runs.path(loop_config["run_dir"], runs.HISTORY_FILE),
                                 json.dumps(state["history"], indent=2).encode())
             print(f"[train] epoch {epoch}/{config.train.epochs}: train loss {metrics['train_loss']:.4f}, "
                   f"val loss {metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f}, "
@@ -159,22 +164,12 @@ def _epoch_metrics(epoch: int, start_epoch: int, train_parts: list, val_metrics:
     }
 
 
-def _recording(batches, seen_ids: list):
-    for batch in batches:
-        seen_ids.extend(str(i) for i in batch["image_id"])
-        yield batch
-
-
-def storage_uri(config: Config) -> str:
-    return config.storage.path if config.storage.path.startswith("s3://") else os.path.abspath(config.storage.path)
-
-
-def build_trainer(config: Config, hooks: Optional[dict] = None, callbacks: tuple = ()):
+def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks: tuple = ()):
     """The TorchTrainer for ``config``: Ray Data splits, scaling, storage, top-k checkpoints, failure policy."""
     from genderid.ray_data import load_split
 
-    if not config.data.source:
-        raise ValueError("data.source: set it to a prepared data set (the output of `genderid prepare`)")
+    check_data_source(config)
+    check_shared_storage(config.storage.path, _alive_node_hosts())
     preprocessing = Preprocessing(image_size=tuple(config.data.image_size))
     datasets = {
         "train": load_split(config.data.source, "train", preprocessing, augment=config.data.augment,
@@ -186,12 +181,12 @@ def build_trainer(config: Config, hooks: Optional[dict] = None, callbacks: tuple
         resources["GPU"] = config.scaling.gpus_per_worker
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.to_dict(), "hooks": hooks or {},
-                           "run_dir": storage.join(storage_uri(config), config.storage.name)},
+        train_loop_config={"config": config.to_dict(), "hooks": hooks or TrainHooks(), "run_dir": runs.run_dir_of(config)},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=config.scaling.placement_strategy),
         run_config=RunConfig(
-            name=config.storage.name, storage_path=storage_uri(config), callbacks=list(callbacks),
+            name=config.storage.name, storage_path=runs.storage_root(config.storage.path), callbacks=list(callbacks),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints,
                                                checkpoint_score_attribute=config.train.checkpoint_metric,
                                                checkpoint_score_order=config.train.checkpoint_mode),
@@ -202,36 +197,74 @@ def build_trainer(config: Config, hooks: Optional[dict] = None, callbacks: tuple
     )
 
 
-def checkpoint_uri(checkpoint, config: Config) -> str:
-    """A Ray checkpoint's location as a user-facing path or ``s3://`` URI."""
-    return f"s3://{checkpoint.path}" if config.storage.path.startswith("s3://") else checkpoint.path
+def check_data_source(config: Config) -> None:
+    """``data.source`` is set and is a prepared data set with train and val rows."""
+    from genderid import shards
+
+    if not config.data.source:
+        raise ConfigError("data.source: set it to a prepared data set (the output of `genderid prepare`)")
+    counts = shards.read_manifest(config.data.source)["counts"]
+    for split in ("train", "val"):
+        if not counts[split]["total"]:
+            raise shards.DatasetError(f"{config.data.source}: the {split} split has no rows; training needs both "
+                                      "train and val rows (see `genderid prepare --split`)")
 
 
-def best_of(result, config: Config) -> tuple[str, dict]:
-    """The best kept checkpoint of a finished run (by ``train.checkpoint_metric``) and its metrics."""
-    if not result.best_checkpoints:
-        raise RuntimeError(f"the run produced no checkpoint (error: {result.error})")
-    metric, mode = config.train.checkpoint_metric, config.train.checkpoint_mode
-    pick = min if mode == "min" else max
-    checkpoint, metrics = pick(result.best_checkpoints, key=lambda pair: pair[1][metric])
-    return checkpoint_uri(checkpoint, config), dict(metrics)
+# File systems that every node of a cluster can share under one path.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+                       "fuse.", "9p", "efs", "wekafs")
 
 
-def run_training(config: Config, hooks: Optional[dict] = None) -> dict:
-    """Fit, write ``<storage.path>/<storage.name>/best.json``, and return it."""
+def _filesystem_type(path: str, mounts_file: str = "/proc/mounts") -> str:
+    """The type of the file system that holds ``path`` (the longest mount point that contains it)."""
+    path = os.path.abspath(path)
+    best, kind = "", ""
+    try:
+        with open(mounts_file) as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) >= 3 and (path == fields[1] or path.startswith(fields[1].rstrip("/") + "/")):
+                    if len(fields[1]) > len(best):
+                        best, kind = fields[1], fields[2]
+    except OSError:
+        return ""
+    return kind
+
+
+def check_shared_storage(storage_path: str, hosts: set, filesystem_type: Optional[str] = None) -> None:
+    """Refuse a local ``storage.path`` on a cluster whose nodes are on more than one host.
+
+    Ray Train writes each checkpoint from a worker to ``storage.path``: on several hosts a plain local path
+    scatters checkpoints over their disks, and resuming or finding the best one fails later. S3 or a network
+    file system (NFS, Lustre, a FUSE mount ...) mounted at the same path on every node is what works.
+    """
+    if storage.is_remote(storage_path) or len(hosts) <= 1:
+        return
+    kind = _filesystem_type(storage_path) if filesystem_type is None else filesystem_type
+    if kind and any(kind == fs or (fs.endswith(".") and kind.startswith(fs)) for fs in NETWORK_FILESYSTEMS):
+        return
+    raise ConfigError(f"storage.path: {storage_path} is a local {kind or 'unknown'} path, but the cluster's nodes are "
+                      f"on {len(hosts)} hosts; use an s3:// URI or a shared file system mounted at the same path "
+                      "on every node")
+
+
+def _alive_node_hosts() -> set:
+    import ray
+
+    if not ray.is_initialized():
+        return set()
+    return {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+
+
+def run_training(config: Config, hooks: Optional[TrainHooks] = None) -> dict:
+    """Fit, write ``<storage.path>/<storage.name>/best.json`` for the best checkpoint Ray kept, and return it."""
     from genderid.ray_runtime import init_ray
 
+    check_data_source(config)  # before Ray starts: bad input costs nothing
     init_ray()
     result = build_trainer(config, hooks).fit()
     if result.error is not None:
         raise result.error
-    location, metrics = best_of(result, config)
-    best = {"checkpoint": location, "metrics": _json_safe(metrics), "config": config.to_dict()}
-    storage.write_bytes(storage.join(storage_uri(config), config.storage.name, "best.json"),
-                        json.dumps(best, indent=2).encode())
-    return best
-
-
-def _json_safe(metrics: dict) -> dict:
-    return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in metrics.items()
-            if isinstance(v, (int, float, str, bool, np.floating, np.integer))}
+    run = runs.run_dir_of(config)
+    checkpoint, _ = runs.best_kept_checkpoint(run, config.train.checkpoint_metric, config.train.checkpoint_mode)
+    return runs.write_best(run, "train", checkpoint)

@@ -10,37 +10,22 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from genderid import storage
+from genderid import runs, search, storage
+from genderid.config import Config, ConfigError, config_from_dict
 from genderid.report import plot_sweep
-from genderid.config import Config, config_from_dict
-from genderid.train_ray import build_trainer, storage_uri
+from genderid.train_ray import build_trainer, check_data_source
 
-PARAMS = ("lr", "unfreeze_depth", "batch_size", "weight_decay")
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its Train run; Tune rejects 0
-
-
-def apply_params(values: dict, params: dict) -> dict:
-    """Put searched values (keys of ``PARAMS``) into a config dict in place; returns it."""
-    for key, value in params.items():
-        section = "model" if key == "unfreeze_depth" else "train"
-        values[section][key] = value
-    return values
-
-
-def searched_params(best: dict) -> dict:
-    """The searched values of a sweep's ``best.json`` (its ``config/<param>`` entries)."""
-    return {k: v for k in PARAMS if (v := best["metrics"].get(f"config/{k}")) is not None}
 
 
 def trial_config(base: dict, params: dict, trials_dir: str, trial_id: str) -> Config:
     """The trial's full config: the sweep's config with the sampled values, run under ``trials_dir/trial_id``."""
-    values = apply_params(copy.deepcopy(base), params)
+    values = search.apply_params(copy.deepcopy(base), search.params_of(params))
     values["train"]["epochs"] = values["tune"]["max_epochs"]
     # Keep the checkpoints that are best by the sweep's metric, so the best one is never rotated away.
     values["train"]["checkpoint_metric"] = values["tune"]["metric"]
@@ -58,67 +43,85 @@ def run_trial(params: dict, base: dict, trials_dir: str) -> None:
 
 
 def search_space(config: Config) -> dict:
-    space = {"lr": tune.loguniform(*config.tune.lr), "unfreeze_depth": tune.choice(list(config.tune.unfreeze_depth))}
-    if config.tune.batch_size:
-        space["batch_size"] = tune.choice(list(config.tune.batch_size))
-    if config.tune.weight_decay:
-        space["weight_decay"] = tune.choice(list(config.tune.weight_decay))
-    return space
+    """Tune's param space, from :data:`genderid.search.PARAMS`."""
+    makers = {"loguniform": lambda bounds: tune.loguniform(*bounds), "choice": lambda values: tune.choice(values)}
+    return {name: makers[kind](values) for name, (kind, values) in search.space(config).items()}
 
 
 def default_concurrency(config: Config, resources: dict) -> int:
-    """How many trials the cluster can run at once. Tune does not count Train workers, so we must.
+    """How many trials the cluster's resources *now* can run at once; never 0. Tune does not count Train workers.
 
     One CPU stays free for Ray Data (its file listing takes a whole CPU); on GPU clusters GPUs bound it too.
+    A cluster that autoscales from zero has none of its workers' resources yet: there the count would be 0, and
+    ``tune.max_concurrent_trials`` must say how many trials may run (the shipped ``cluster/`` configs set it).
     """
     per_trial_cpu = config.scaling.num_workers * config.scaling.cpus_per_worker + TRIAL_DRIVER_CPU
-    count = math.floor((resources.get("CPU", 0) - 1) / per_trial_cpu + 1e-9)
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    count = math.floor((cpus - 1) / per_trial_cpu + 1e-9)
+    need = f"{per_trial_cpu:g} CPU(s) (+1 for Ray Data)"
     if config.scaling.use_gpu:
         per_trial_gpu = config.scaling.num_workers * config.scaling.gpus_per_worker
-        count = min(count, math.floor(resources.get("GPU", 0) / per_trial_gpu + 1e-9))
+        count = min(count, math.floor(gpus / per_trial_gpu + 1e-9))
+        need += f" and {per_trial_gpu:g} GPU(s)"
     if count < 1:
-        raise ValueError(f"scaling: one trial needs {per_trial_cpu} CPU(s) + 1 for Ray Data, the cluster has "
-                         f"{resources.get('CPU', 0)}; lower scaling.num_workers or scaling.cpus_per_worker")
+        raise ConfigError(
+            f"tune.max_concurrent_trials: one trial needs {need}, the cluster has {cpus:g} CPU(s) and {gpus:g} "
+            "GPU(s) now. On a cluster that autoscales, set tune.max_concurrent_trials to how many trials may run "
+            "at once; otherwise lower scaling.num_workers or scaling.cpus_per_worker")
     return count
 
 
-def _uri(path: str, config: Config) -> str:
-    return f"s3://{path}" if config.storage.path.startswith("s3://") and not path.startswith("s3://") else path
+def concurrency(config: Config, resources: dict) -> int:
+    """``tune.max_concurrent_trials`` when set, else what the present resources allow."""
+    return config.tune.max_concurrent_trials or default_concurrency(config, resources)
 
 
-def summarise(grid, config: Config) -> list[dict]:
-    """One row per trial: its parameters, best metrics, epochs run, how it ended and its best checkpoint."""
+def _ended(frame, result, config: Config) -> str:
+    last = frame.iloc[-1]
+    if result.error is not None:
+        return "error"
+    if bool(last.get("early_stopped", False)):
+        return "early stopping (patience)"
+    if int(frame["epoch"].max()) >= config.tune.max_epochs:
+        return "completed"
+    return "stopped by ASHA"
+
+
+def summarise(grid, config: Config, sweep_dir: str) -> list[dict]:
+    """One row per trial, best first: its parameters, epochs run, how it ended, and its best *kept* checkpoint.
+
+    The checkpoint and its metrics come from what Ray kept in the trial's folder (ties -> the later epoch, as
+    Ray keeps them), never from the reported history, whose best epoch may have been rotated away.
+    """
     metric, mode = config.tune.metric, config.tune.mode
     rows = []
     for result in grid:
+        trial_id = str((result.metrics or {}).get("trial_id", ""))
+        row = {"trial_id": trial_id,
+               **{p.column: v for p in search.PARAMS if (v := result.config.get(p.name)) is not None}}
         frame = result.metrics_dataframe
-        row = {"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path or ""),
-               **{f"config/{k}": v for k, v in result.config.items() if k in PARAMS}}
         if frame is None or frame.empty or metric not in frame:
             rows.append({**row, "epochs_run": 0, "ended": "error" if result.error else "no report"})
             continue
-        best = frame.loc[frame[metric].idxmin() if mode == "min" else frame[metric].idxmax()]
-        last = frame.iloc[-1]
-        epochs = int(frame["epoch"].max())
-        if result.error is not None:
-            ended = "error"
-        elif bool(last.get("early_stopped", False)):
-            ended = "early stopping (patience)"
-        elif epochs >= config.tune.max_epochs:
-            ended = "completed"
-        else:
-            ended = "stopped by ASHA"
-        rows.append({**row, "best_epoch": int(best["epoch"]), f"best_{metric}": float(best[metric]),
+        trial_run = runs.path(sweep_dir, runs.TRIALS_DIR, trial_id)
+        try:
+            checkpoint, meta = runs.best_kept_checkpoint(trial_run, metric, mode)
+        except runs.CheckpointError:
+            rows.append({**row, "epochs_run": int(frame["epoch"].max()), "ended": "no checkpoint"})
+            continue
+        best = meta["metrics"]
+        rows.append({**row, "best_epoch": int(meta["epoch"]), f"best_{metric}": float(best[metric]),
                      "val_loss": float(best["val_loss"]), "val_accuracy": float(best["val_accuracy"]),
-                     "val_auc": float(best["val_auc"]), "epochs_run": epochs, "ended": ended,
-                     "checkpoint": _uri(str(best["checkpoint_path"]), config)})
+                     "val_auc": float(best["val_auc"]), "epochs_run": int(frame["epoch"].max()),
+                     "ended": _ended(frame, result, config), "checkpoint": checkpoint})
     reverse = mode == "max"
     return sorted(rows, key=lambda r: r.get(f"best_{metric}", -math.inf if reverse else math.inf), reverse=reverse)
 
 
 def results_table(rows: list[dict], metric: str = "val_accuracy") -> str:
     """The sweep's rows as a plain-text table, best first (what `genderid tune` prints)."""
-    columns = ["trial_id", "config/lr", "config/unfreeze_depth", f"best_{metric}", "val_loss", "epochs_run", "ended"]
+    params = [p.column for p in search.PARAMS if any(p.column in r for r in rows)]
+    columns = ["trial_id", *params, f"best_{metric}", "val_loss", "epochs_run", "ended"]
     lines = [" | ".join(columns)]
     for row in rows:
         lines.append(" | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
@@ -130,53 +133,83 @@ def write_results(rows: list[dict], config: Config, sweep_dir: str) -> dict:
     """results.csv, sweep.png and best.json under the sweep folder; returns best.json's content."""
     import pandas as pd
 
-    storage.write_bytes(storage.join(sweep_dir, "results.csv"), pd.DataFrame(rows).to_csv(index=False).encode())
-    storage.write_bytes(storage.join(sweep_dir, "sweep.png"), plot_sweep(rows))
+    storage.write_bytes(runs.path(sweep_dir, runs.RESULTS_FILE), pd.DataFrame(rows).to_csv(index=False).encode())
+    storage.write_bytes(runs.path(sweep_dir, runs.SWEEP_PLOT_FILE), plot_sweep(rows, config.tune.metric))
     finished = [r for r in rows if "checkpoint" in r]
     if not finished:
-        raise RuntimeError(f"no trial of sweep {config.storage.name} reported a checkpoint")
+        raise RuntimeError(f"no trial of sweep {config.storage.name} kept a checkpoint")
     best_row = finished[0]
-    from genderid.checkpoint import read_meta
-
-    best = {"checkpoint": best_row["checkpoint"],
-            "metrics": {k: v for k, v in best_row.items() if k not in ("checkpoint",)},
-            "config": read_meta(best_row["checkpoint"])["config"]}
-    storage.write_bytes(storage.join(sweep_dir, "best.json"), json.dumps(best, indent=2).encode())
-    return best
+    return runs.write_best(sweep_dir, "sweep", best_row["checkpoint"], params=search.params_of(best_row),
+                           trial_id=best_row["trial_id"])
 
 
-def build_tuner(config: Config):
-    """A new sweep, or the interrupted one under ``<storage.path>/<storage.name>`` (finished trials kept)."""
-    import ray
+def _differences(saved, current, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current))
+        return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
+    return [] if saved == current else [prefix.rstrip(".")]
+
+
+def check_resume(config: Config, sweep_dir: str) -> bool:
+    """True when ``sweep_dir`` holds a sweep to resume; refuses one that was started with another config.
+
+    A resumed sweep keeps its trials' configs and its search space; applying a changed config to half a sweep
+    would make its results table compare unlike trials, so a change is refused instead of half-applied.
+    """
+    uri = runs.path(sweep_dir, runs.SWEEP_CONFIG_FILE)
+    if not storage.exists(uri):
+        return False
+    saved = json.loads(storage.read_bytes(uri))
+    changed = _differences(saved, config.to_dict())
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise ConfigError(f"storage.name: a sweep named {config.storage.name!r} already exists in {sweep_dir} with "
+                          f"another config ({shown} differ). Rerun it with the same config to resume it, or "
+                          "choose a new storage.name for a new sweep")
+    return True
+
+
+def build_tuner(config: Config, sweep_dir: str, resources: dict):
+    """A new sweep, or the interrupted one in ``sweep_dir`` (finished trials kept, unfinished ones resumed)."""
     from ray.tune import RunConfig, TuneConfig, Tuner
 
-    sweep_dir = storage.join(storage_uri(config), config.storage.name)
+    from genderid.ray_cleanup import OrphanReaper
+
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=config.to_dict(), trials_dir=storage.join(sweep_dir, "trials")),
+        tune.with_parameters(run_trial, base=config.to_dict(), trials_dir=runs.path(sweep_dir, runs.TRIALS_DIR)),
         {"CPU": TRIAL_DRIVER_CPU})
-    experiment = storage.join(sweep_dir, "tune")
+    experiment = runs.path(sweep_dir, runs.TUNE_DIR)
     if Tuner.can_restore(experiment):
-        return Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True), sweep_dir
-    concurrency = config.tune.max_concurrent_trials or default_concurrency(config, ray.cluster_resources())
+        return Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     scheduler = ASHAScheduler(time_attr="epoch", max_t=config.tune.max_epochs, grace_period=config.tune.grace_period,
                               reduction_factor=config.tune.reduction_factor)
-    tuner = Tuner(
+    return Tuner(
         trainable, param_space=search_space(config),
         tune_config=TuneConfig(metric=config.tune.metric, mode=config.tune.mode, num_samples=config.tune.num_samples,
-                               max_concurrent_trials=concurrency, scheduler=scheduler),
-        run_config=RunConfig(name="tune", storage_path=sweep_dir),
+                               max_concurrent_trials=concurrency(config, resources), scheduler=scheduler),
+        run_config=RunConfig(name=runs.TUNE_DIR, storage_path=sweep_dir, callbacks=[OrphanReaper()]),
     )
-    return tuner, sweep_dir
 
 
 def run_sweep(config: Config) -> tuple[list[dict], dict]:
     """Run (or resume) the sweep; write its results; return the rows and best.json."""
+    import ray
+
+    from genderid.ray_cleanup import release_orphaned_placement_groups
     from genderid.ray_runtime import init_ray
 
-    if not config.data.source:
-        raise ValueError("data.source: set it to a prepared data set (the output of `genderid prepare`)")
+    check_data_source(config)
+    sweep_dir = runs.run_dir_of(config)
+    resuming = check_resume(config, sweep_dir)  # before Ray starts: a refused resume costs nothing
     init_ray()
-    tuner, sweep_dir = build_tuner(config)
+    # What a killed earlier run left reserved would make this one wait forever (see genderid.ray_cleanup).
+    release_orphaned_placement_groups()
+    tuner = build_tuner(config, sweep_dir, ray.cluster_resources())
+    if not resuming:
+        storage.write_bytes(runs.path(sweep_dir, runs.SWEEP_CONFIG_FILE),
+                            json.dumps(config.to_dict(), indent=2).encode())
+    else:
+        print(f"[tune] resuming sweep {config.storage.name!r} from {sweep_dir}", flush=True)
     grid = tuner.fit()
-    rows = summarise(grid, config)
+    rows = summarise(grid, config, sweep_dir)
     return rows, write_results(rows, config, sweep_dir)

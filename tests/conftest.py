@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -13,6 +14,10 @@ import pytest
 # Ray 2.60 turns token auth on by default: clients of a `ray start` cluster must say so. Ray reads this when it is
 # imported, so it is set before any test module imports Ray.
 os.environ["RAY_AUTH_MODE"] = "token"
+# `ray start` refuses to start without a token, and only `ray.init()` writes one to ~/.ray: on a fresh machine the
+# suite's own cluster would never start. The session brings its own token (every Ray process and CLI it starts
+# inherits it), so the tests neither depend on nor touch the user's ~/.ray.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_CELEBA = REPO.parent / "shared" / "data" / "celeba-subset"

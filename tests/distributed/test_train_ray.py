@@ -9,6 +9,7 @@ from genderid import shards
 from genderid.checkpoint import read_meta
 from genderid.cli import main
 from genderid.config import load_config, named_config_path
+from genderid.train_hooks import FailOnce, Hooks, RecordDigests, RecordShards, WithoutDDP
 from genderid.train_ray import run_training
 
 pytestmark = pytest.mark.ray
@@ -24,12 +25,16 @@ def history_of(tmp_path, name):
     return json.loads((tmp_path / "runs" / name / "history.json").read_text())
 
 
-def test_shards_are_disjoint_and_complete_loss_falls_and_top_k_is_kept(prepared, tmp_path):
+def digests(record, epoch, ranks=(0, 1)):
+    return [json.loads((record / f"digest-epoch{epoch}-rank{r}.json").read_text()) for r in ranks]
+
+
+def test_ddp_ranks_train_disjoint_shards_into_one_model_and_val_metrics_are_the_saved_models(prepared, tmp_path):
     record = tmp_path / "seen"
     record.mkdir()
     config = tiny(prepared, tmp_path, "learn", "train.epochs=3", "train.early_stopping_patience=0",
                   "train.keep_checkpoints=2", "train.checkpoint_metric=val_loss")
-    best = run_training(config, hooks={"record_dir": str(record)})
+    best = run_training(config, hooks=Hooks(RecordShards(str(record)), RecordDigests(str(record))))
 
     train_ids = set(shards.read_table(config.data.source).filter(
         shards.read_table(config.data.source)["split"].to_numpy() == 0)["image_id"].to_pylist())
@@ -53,6 +58,32 @@ def test_shards_are_disjoint_and_complete_loss_falls_and_top_k_is_kept(prepared,
     best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"]
     assert best["metrics"]["epoch"] == best_epoch and Path(best["checkpoint"]).is_dir()
     assert json.loads((run_dir / "best.json").read_text())["checkpoint"] == best["checkpoint"]
+    assert best["kind"] == "train" and best["metrics"] == read_meta(best["checkpoint"])["metrics"]
+
+    # DDP: ranks that trained on disjoint shards hold one model (parameters and BatchNorm statistics) each epoch.
+    for epoch in (1, 2, 3):
+        rank0, rank1 = digests(record, epoch)
+        assert rank0 == rank1, f"epoch {epoch}: the ranks hold different models"
+
+    # The val metrics that ranked and chose the checkpoint are the saved model's: evaluating it again reproduces
+    # them exactly (each rank validated rank 0's BatchNorm statistics, not its own).
+    out = tmp_path / "val-report"
+    assert main(["evaluate", "--checkpoint", str(run_dir / "best.json"), "--data", config.data.source,
+                 "--out", str(out), "--split", "val"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["count"] == best["metrics"]["val_count"] == 60
+    assert abs(report["accuracy"] - best["metrics"]["val_accuracy"]) <= 1e-6
+    assert abs(report["loss"] - best["metrics"]["val_loss"]) <= 1e-4
+
+
+def test_the_ddp_check_catches_ranks_that_train_without_gradient_sync(prepared, tmp_path):
+    """Negative control: the same digest check, with the DDP wrapping skipped, must see two models."""
+    record = tmp_path / "seen"
+    record.mkdir()
+    config = tiny(prepared, tmp_path, "unsynced", "train.epochs=1", "train.early_stopping_patience=0")
+    run_training(config, hooks=Hooks(RecordDigests(str(record)), WithoutDDP()))
+    rank0, rank1 = digests(record, 1)
+    assert rank0["parameters"] != rank1["parameters"]
 
 
 def test_early_stopping_follows_the_patience_rule(prepared, tmp_path):
@@ -77,7 +108,7 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(pre
                   "train.keep_checkpoints=3", "train.max_failures=2")
     marker = tmp_path / "marker"
     marker.mkdir()
-    best = run_training(config, hooks={"fail_at_epoch": 2, "marker_dir": str(marker)})
+    best = run_training(config, hooks=FailOnce(2, str(marker)))
     assert (marker / "failed").exists()  # the fault did fire
     history = json.loads((tmp_path / "runs" / "fault" / "best.json").read_text())
     final = history_of(tmp_path, "fault")

@@ -11,9 +11,9 @@ import pytest
 
 from conftest import REPO, submit_job
 from genderid.checkpoint import read_meta
-from genderid.config import load_config, named_config_path
+from genderid.config import ConfigError, load_config, named_config_path
 from genderid.predictor import Predictor
-from genderid.tune_ray import default_concurrency
+from genderid.tune_ray import concurrency, default_concurrency
 
 pytestmark = pytest.mark.ray
 
@@ -29,14 +29,20 @@ def read_rows(path):
         return list(csv.DictReader(handle))
 
 
-def test_default_concurrency_leaves_a_cpu_for_ray_data():
+def test_default_concurrency_leaves_a_cpu_for_ray_data_and_is_never_zero():
     config = load_config(named_config_path("tiny"))  # 2 workers x 0.45 CPU + 0.01 for the trial driver
     assert default_concurrency(config, {"CPU": 2}) == 1
     assert default_concurrency(config, {"CPU": 8}) == 7
     gpu = load_config(named_config_path("celeba-vgg16"), ["scaling.num_workers=2"])
     assert default_concurrency(gpu, {"CPU": 64, "GPU": 8}) == 4
-    with pytest.raises(ValueError, match="scaling"):
+    with pytest.raises(ConfigError, match="scaling"):
         default_concurrency(gpu, {"CPU": 4, "GPU": 8})
+    # A head node of a cluster whose GPU workers autoscale from zero: no GPU exists yet. Never 0 trials: a clear
+    # error that names the key to set, and with that key set the sweep runs without looking at resources.
+    with pytest.raises(ConfigError, match=r"tune.max_concurrent_trials: .* has 8 CPU\(s\) and 0 GPU"):
+        concurrency(gpu, {"CPU": 8})
+    pinned = load_config(named_config_path("celeba-vgg16"), ["tune.max_concurrent_trials=3"])
+    assert concurrency(pinned, {"CPU": 8}) == 3
 
 
 def test_sweep_job_with_asha_writes_results_and_a_loadable_best(local_cluster, prepared, tmp_path):
@@ -49,54 +55,87 @@ def test_sweep_job_with_asha_writes_results_and_a_loadable_best(local_cluster, p
     assert all(r["ended"] in ("completed", "stopped by ASHA") for r in table)
     assert any(r["ended"] == "stopped by ASHA" and int(r["epochs_run"]) < 3 for r in table)
     top = max(float(r["best_val_accuracy"]) for r in table)
-    assert best["metrics"]["best_val_accuracy"] == pytest.approx(top)
+    assert best["kind"] == "sweep" and best["metrics"]["val_accuracy"] == pytest.approx(top)
+    winner = next(r for r in table if r["trial_id"] == best["trial_id"])
+    assert best["params"] == {"lr": float(winner["config/lr"]), "unfreeze_depth": int(winner["config/unfreeze_depth"])}
+    assert best["config"]["model"]["unfreeze_depth"] == best["params"]["unfreeze_depth"]
     assert read_meta(best["checkpoint"])["metrics"]["val_accuracy"] == pytest.approx(top)
     assert Predictor.from_checkpoint(str(sweep / "best.json")).model_version
     assert (sweep / "sweep.png").stat().st_size > 1000
 
 
-def release_orphaned_placement_groups():
-    """What an operator does after SIGKILLing a sweep driver on Ray 2.60 (see README, "Tune sweeps").
+def test_a_sweep_whose_metric_ties_names_a_checkpoint_that_exists(ray_cluster, prepared, tmp_path):
+    """Ray keeps the later of tied checkpoints and deletes the earlier: best.json must name the one kept.
 
-    The killed run's Train worker placement group can stay reserved (Train V2's cleaner dies with its driver), and
-    the rerun would then wait for CPUs forever. No other run is active here, so every live group is an orphan.
+    ``val_count`` ties at every epoch by construction (val accuracy ties only by chance on a given run), so this
+    always takes the path where "first epoch reaching the best value" names a deleted checkpoint.
     """
-    import ray
-    from ray.util import placement_group_table
-    from ray.util.placement_group import PlacementGroup
+    from genderid.tune_ray import run_sweep
 
-    for group_id, info in placement_group_table().items():
-        if info["state"] == "CREATED":
-            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
+    config = load_config(named_config_path("tiny"), sweep_overrides(prepared, tmp_path, "ties") + [
+        "tune.num_samples=1", "tune.max_epochs=3", "tune.grace_period=3", "tune.metric=val_count",
+        "train.keep_checkpoints=1"])
+    rows, best = run_sweep(config)
+    trial = tmp_path / "sweeps" / "ties" / "trials" / rows[0]["trial_id"]
+    history = json.loads((trial / "history.json").read_text())
+    assert len({h["val_count"] for h in history}) == 1 and len(history) == 3  # tied at every epoch
+    kept = [p for p in trial.glob("checkpoint_*") if (p / "meta.json").exists()]
+    assert read_meta(best["checkpoint"])["epoch"] == 3  # ties -> the latest, which is what Ray kept
+    assert best["checkpoint"] in {str(p) for p in kept}
+    assert Predictor.from_checkpoint(str(tmp_path / "sweeps" / "ties" / "best.json")).model_version
 
 
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(local_cluster, ray_cluster, prepared, tmp_path):
-    overrides = sweep_overrides(prepared, tmp_path, "resume") + ["tune.num_samples=2", "tune.max_epochs=2"]
+def registered_epochs(trial_run):
+    """The epochs whose checkpoints Ray Train has registered (what a resumed run can restore from)."""
+    try:
+        snapshot = json.loads((trial_run / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [r["metrics"]["epoch"] for r in snapshot.get("checkpoint_results", [])]
+
+
+def test_a_killed_sweep_resumes_its_own_trials_from_their_checkpoints(local_cluster, prepared, tmp_path):
+    """SIGKILL the driver between trials, rerun the same command: no hand-run cleanup, no fresh sweep."""
+    overrides = sweep_overrides(prepared, tmp_path, "resume") + [
+        "tune.num_samples=2", "tune.max_epochs=2", "tune.grace_period=2"]  # no ASHA stop: both trials run 2 epochs
     command = [sys.executable, "-m", "genderid", "tune", "--config", str(named_config_path("tiny")), *overrides]
     env = {**local_cluster.env(), "RAY_ADDRESS": local_cluster.address, "PYTHONUNBUFFERED": "1"}
     trials = tmp_path / "sweeps" / "resume" / "trials"
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
-    deadline = time.time() + 600
-    finished = set()
-    while time.time() < deadline and not finished:  # wait for one trial to finish, then kill the driver
-        time.sleep(2)
-        for history in trials.glob("*/history.json"):
-            epochs = json.loads(history.read_text())
-            if epochs and (epochs[-1]["epoch"] == 2 or epochs[-1]["early_stopped"]):
-                finished.add(history.parent.name)
-        assert first.poll() is None or finished, "the sweep ended before it could be interrupted"
-    time.sleep(15)  # let Tune record the trial as finished in its experiment state
+    deadline, finished_at, histories = time.time() + 600, None, {}
+    while time.time() < deadline:  # one trial finished, the next one has a registered checkpoint of epoch 1
+        time.sleep(1)
+        histories = {p.parent.name: json.loads(p.read_text()) for p in trials.glob("*/history.json")}
+        finished = {t for t, h in histories.items() if h and h[-1]["epoch"] == 2}
+        interrupted = {t for t, h in histories.items() if h and h[-1]["epoch"] == 1 and registered_epochs(trials / t)}
+        finished_at = finished_at or (time.time() if finished else None)
+        # Tune writes its experiment state every few seconds: let it record the finished trial first.
+        if finished and interrupted and time.time() - finished_at > 10:
+            break
+        assert first.poll() is None, "the sweep ended before it could be interrupted"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    assert finished, "no trial finished in time"
-    release_orphaned_placement_groups()
-    done_before = {t: (trials / t / "history.json").stat().st_mtime for t in finished}
-    time.sleep(2)
+    assert len(finished) == 1 and len(interrupted) == 1, histories
+    [done], [cut] = finished, interrupted
+    done_before = (trials / done / "history.json").read_text()
 
-    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
-    rows = read_rows(tmp_path / "sweeps" / "resume" / "results.csv")
-    assert len(rows) == 2
-    for trial, mtime in done_before.items():  # finished trials were not trained again
-        assert (trials / trial / "history.json").stat().st_mtime == mtime
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    assert "resuming sweep 'resume'" in second.stdout
+    rows = {r["trial_id"]: r for r in read_rows(tmp_path / "sweeps" / "resume" / "results.csv")}
+    assert set(rows) == {done, cut}  # the same trials: a fresh sweep would have new trial ids
+    assert (trials / done / "history.json").read_text() == done_before  # the finished trial did not run again
+    done_history = json.loads(done_before)
+    assert float(rows[done]["best_val_accuracy"]) == pytest.approx(max(h["val_accuracy"] for h in done_history))
+    resumed = json.loads((trials / cut / "history.json").read_text())
+    assert [h["epoch"] for h in resumed] == [1, 2]
+    assert [h["start_epoch"] for h in resumed] == [1, 2]  # epoch 2 ran after resuming from epoch 1's checkpoint
+    assert resumed[0] == histories[cut][0]
+
+    # The same name with another config is refused at once, naming the keys, before any work starts.
+    changed = subprocess.run(command + ["train.weight_decay=0.01"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert changed.returncode == 2
+    assert changed.stderr.count("\n") == 1 and "train.weight_decay differ" in changed.stderr
+    assert "Traceback" not in changed.stderr

@@ -1,5 +1,6 @@
 """The `genderid` commands that need no Ray: synth, predict --checkpoint, and how input errors are reported."""
 import json
+import os
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from genderid.checkpoint import save_checkpoint
+from conftest import REPO
 from genderid.cli import main
 from genderid.model import GenderNet
 from genderid.predictor import Predictor
@@ -45,3 +47,34 @@ def test_input_errors_exit_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("genderid predict: error:") and "nowhere" in err and "Traceback" not in err
     assert main(["predict", "x.jpg", "--url", "http://127.0.0.1:9"]) == 2  # unreadable image: no such file
+
+
+def test_every_command_refuses_bad_input_with_one_line_and_exit_2(tmp_path, synthetic_celeba):
+    """Each command, given bad input, exits 2 with one `genderid <command>: error:` line naming the problem,
+    before any Ray cluster starts."""
+    no_test_rows = tmp_path / "no-test"
+    no_test_rows.mkdir()
+    counts = {s: {"male": 1, "female": 1, "total": 2} for s in ("train", "val")}
+    (no_test_rows / "_manifest.json").write_text(json.dumps({
+        "format": "genderid-parquet", "format_version": 1, "files": [], "rows": 4,
+        "counts": {**counts, "test": {"male": 0, "female": 0, "total": 0}}}))
+    tiny = "jobs/configs/tiny.yaml"
+    cases = {
+        "synth": (["synth", str(tmp_path / "s"), "--n", "0"], "--n: must be >= 1"),
+        "prepare": (["prepare", "--celeba", str(synthetic_celeba), "--out", str(tmp_path / "p"), "--split",
+                     "balanced", "--per-class", "100000"], "balanced split: needs 100000"),
+        "train": (["train", "--config", tiny], "data.source: set it"),
+        "tune": (["tune", "--config", tiny, f"data.source={tmp_path / 'nowhere'}"], "not a prepared data set"),
+        "evaluate": (["evaluate", "--checkpoint", str(tmp_path / "c"), "--data", str(no_test_rows), "--out",
+                      str(tmp_path / "r")], "the test split has no rows"),
+        "predict": (["predict", str(tmp_path / "x.jpg"), "--checkpoint", str(tmp_path / "nowhere")], "nowhere"),
+        "demo": (["demo", "--workdir", str(tmp_path / "d"), "train.lr=-1"], "train.lr: must be a positive"),
+    }
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}  # a Ray that is not there: reaching Ray would hang or fail
+    for command, (args, expected) in cases.items():
+        run = subprocess.run([sys.executable, "-m", "genderid", *args], capture_output=True, text=True, timeout=120,
+                             env=env, cwd=REPO)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2, (command, run.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith(f"genderid {command}: error:"), (command, run.stderr)
+        assert expected in lines[0], (command, lines[0])

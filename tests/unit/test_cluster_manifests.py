@@ -83,3 +83,21 @@ def test_ray_versions_and_images_agree_with_the_pin():
                         (CLUSTER / "Dockerfile").read_text())
     assert images and all(tag.startswith(pin + ".") for tag in images), images
     assert len(set(images) | {v for v in versions if v} | {service}) == 1  # one exact Ray version everywhere
+
+
+def test_the_shipped_sweep_runs_on_a_cluster_whose_gpu_workers_start_at_zero():
+    """The RayJob's overrides must not depend on GPUs existing when the sweep starts (the group starts at 0)."""
+    import shlex
+
+    from genderid.config import load_config
+    from genderid.tune_ray import concurrency
+
+    entry = shlex.split(manifest("rayjob-tune.yaml")["spec"]["entrypoint"])
+    config_path = REPO / re.search(r"(jobs/configs/\S+\.yaml)", entry[entry.index("--config") + 1]).group(1)
+    config = load_config(config_path, entry[entry.index("--config") + 2:])
+    head_only = {"CPU": 8}
+    trials = concurrency(config, head_only)
+    group = next(g for g in manifest("raycluster.yaml")["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    gpus = int(group["maxReplicas"]) * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                           ["nvidia.com/gpu"])
+    assert 1 <= trials and trials * config.scaling.num_workers * config.scaling.gpus_per_worker <= gpus

@@ -2,6 +2,7 @@ import urllib.error
 
 import pytest
 import torch
+from torchvision.models import vgg16
 
 from genderid.config import ModelConfig
 from genderid.model import NUM_BLOCKS, GenderNet, WeightsUnavailableError, build_model, load_backbone_weights
@@ -61,12 +62,52 @@ def test_weights_from_a_file(tmp_path):
 
 def test_imagenet_offline_fails_at_once_saying_how_to_provide_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls = []
 
-    def offline(*args, **kwargs):
+    def offline(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, hash_prefix))
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # what the loader calls when nothing is cached
     with pytest.raises(WeightsUnavailableError) as info:
         load_backbone_weights(GenderNet(width=1.0), "imagenet")
     message = str(info.value)
     assert str(tmp_path) in message and "vgg16-397923af.pth" in message and "model.weights" in message
+    assert calls == [("https://download.pytorch.org/models/vgg16-397923af.pth", "397923af")]  # the hash is checked
+
+
+def test_a_wrong_file_in_the_imagenet_cache_is_refused_before_it_is_unpickled(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(GenderNet(width=0.0625).state_dict(), cached)  # a loadable state dict, but not the published file
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("an unverified file was unpickled"))
+    with pytest.raises(WeightsUnavailableError, match=r"does not match the published 397923af.*Delete the file"):
+        load_backbone_weights(GenderNet(width=1.0), "imagenet")
+
+
+def test_published_weights_with_the_right_hash_load_with_weights_only(tmp_path, monkeypatch):
+    import hashlib
+
+    from genderid.model import load_published_weights
+
+    state = vgg16(weights=None).state_dict()
+    staged = tmp_path / "staged.pth"
+    torch.save(state, staged)
+    prefix = hashlib.sha256(staged.read_bytes()).hexdigest()[:8]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    staged.rename(cache / f"vgg16-{prefix}.pth")
+    seen = {}
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    loaded = load_published_weights(f"https://example.invalid/models/vgg16-{prefix}.pth", str(cache))
+    assert seen.get("weights_only") is True
+    model = GenderNet(width=1.0)
+    model.features.load_state_dict({k[len("features."):]: v for k, v in loaded.items() if k.startswith("features.")})
+    assert torch.equal(model.features[0].weight, state["features.0.weight"])

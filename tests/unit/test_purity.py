@@ -6,7 +6,8 @@ import textwrap
 PURE_MODULES = ["genderid.config", "genderid.preprocess", "genderid.model", "genderid.engine", "genderid.metrics",
                 "genderid.checkpoint", "genderid.predictor", "genderid.batches", "genderid.celeba", "genderid.synth",
                 "genderid.shards", "genderid.storage", "genderid.local_train", "genderid.cli",
-                "genderid.http_inputs", "genderid.client"]
+                "genderid.http_inputs", "genderid.client", "genderid.runs", "genderid.search", "genderid.errors",
+                "genderid.train_hooks"]
 
 SCRIPT = textwrap.dedent("""
     import importlib, importlib.abc, sys

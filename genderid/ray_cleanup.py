@@ -1,0 +1,90 @@
+"""Releasing what a killed driver left reserved on a Ray cluster. Ray glue only.
+
+Why this exists (measured with Ray 2.60, see ``tests/distributed/test_tune_ray.py``): when a sweep's driver is
+killed hard (SIGKILL, OOM), the running trial's Train controller can create a new worker placement group while
+its job is being torn down. That group's creator job is dead, yet the group stays ``CREATED`` and keeps its CPUs
+reserved. On a small cluster the resumed sweep then waits forever: Ray Data's file listing cannot get its CPU.
+
+A non-detached placement group whose creator job is dead should not exist (Ray removes such groups itself once
+both their creator job and creator actor are dead), so removing it restores Ray's own lifetime rule; live jobs'
+groups and detached groups are never touched.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from ray.tune import Callback
+
+logger = logging.getLogger(__name__)
+
+# Job states in which a driver still owns what it created (the State API's JobStatus values).
+LIVE_JOB_STATES = {"RUNNING", "PENDING"}
+RESERVED_STATES = {"CREATED", "PENDING", "RESCHEDULING"}
+
+
+def orphaned_placement_groups(groups: list[dict], jobs: list[dict]) -> list[str]:
+    """The ids of ``groups`` that hold or wait for resources on behalf of a job that is no longer alive.
+
+    ``groups`` and ``jobs`` are State API records (``placement_group_id``, ``creator_job_id``, ``state``,
+    ``is_detached``; ``job_id``, ``status``). A group whose creator job is not listed at all is left alone:
+    the listing may be truncated, and guessing wrong would kill a live run.
+    """
+    status = {job.get("job_id"): str(getattr(job.get("status"), "value", job.get("status"))).upper()
+              for job in jobs if job.get("job_id")}
+    orphans = []
+    for group in groups:
+        creator = group.get("creator_job_id")
+        if group.get("is_detached") or group.get("state") not in RESERVED_STATES or creator not in status:
+            continue
+        if status[creator] not in LIVE_JOB_STATES:
+            orphans.append(group["placement_group_id"])
+    return orphans
+
+
+def release_orphaned_placement_groups() -> list[str]:
+    """Remove the placement groups of dead jobs on the connected cluster; returns their ids.
+
+    Needs the State API (the dashboard). Failures to query are logged and ignored: cleaning up must never be
+    what fails a sweep.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_jobs, list_placement_groups
+
+    try:
+        groups = [g.__dict__ if not isinstance(g, dict) else g
+                  for g in list_placement_groups(detail=True, limit=10_000, raise_on_missing_output=False)]
+        jobs = [j.__dict__ if not isinstance(j, dict) else j
+                for j in list_jobs(limit=10_000, raise_on_missing_output=False)]
+    except Exception as exc:  # the State API is best effort here
+        logger.warning("could not list placement groups to release orphans: %s", exc)
+        return []
+    released = []
+    for group_id in orphaned_placement_groups(groups, jobs):
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))
+            released.append(group_id)
+        except Exception as exc:
+            logger.warning("could not remove orphaned placement group %s: %s", group_id, exc)
+    if released:
+        print(f"[genderid] released {len(released)} placement group(s) left reserved by a killed run",
+              flush=True)
+    return released
+
+
+class OrphanReaper(Callback):
+    """A Tune callback that releases orphaned placement groups at most every ``interval_s`` while a sweep runs.
+
+    Once at the start is not enough: a killed run's controller may create its group a few seconds later.
+    """
+
+    def __init__(self, interval_s: float = 10.0):
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def on_step_begin(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            release_orphaned_placement_groups()

@@ -1,0 +1,142 @@
+"""The run layout: where a train run or a sweep writes what, and the one schema of ``best.json``. Pure (no Ray).
+
+A run (``genderid train``) and a sweep (``genderid tune``) each live in ``<storage.path>/<storage.name>/``::
+
+    best.json            the pointer to the best kept checkpoint (schema below), written last
+    history.json         a train run: every epoch's metrics
+    checkpoint_*/        a train run: the checkpoints Ray kept (top-k by train.checkpoint_metric, plus the latest)
+    results.csv          a sweep: one row per trial
+    sweep.png            a sweep: best metric against lr per unfreeze depth
+    sweep_config.json    a sweep: the config it was started with (a resume must match it)
+    tune/                a sweep: Ray Tune's experiment state
+    trials/<trial id>/   a sweep: each trial's train run, laid out as above
+
+``best.json``, the same for a run and a sweep::
+
+    {"kind": "train" | "sweep", "checkpoint": <location>, "metrics": <the checkpoint's epoch metrics>,
+     "config": <the resolved config the checkpoint was trained with>, "params": <searched values>,
+     "trial_id": <the winning trial, sweeps only>}
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+from genderid import storage
+from genderid.checkpoint import CheckpointError, read_meta
+
+BEST_FILE = "best.json"
+HISTORY_FILE = "history.json"
+RESULTS_FILE = "results.csv"
+SWEEP_PLOT_FILE = "sweep.png"
+SWEEP_CONFIG_FILE = "sweep_config.json"
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+CHECKPOINT_PREFIX = "checkpoint_"
+KINDS = ("train", "sweep")
+
+
+def storage_root(path: str) -> str:
+    """``storage.path`` as Ray wants it: ``s3://`` URIs as given, local paths absolute."""
+    return path if storage.is_remote(path) else os.path.abspath(path)
+
+
+def run_dir(storage_path: str, name: str) -> str:
+    """``<storage.path>/<storage.name>``: the folder of one run or sweep."""
+    return storage.join(storage_root(storage_path), name)
+
+
+def run_dir_of(config) -> str:
+    """The run or sweep folder of a :class:`genderid.config.Config`."""
+    return run_dir(config.storage.path, config.storage.name)
+
+
+def path(run: str, *parts: str) -> str:
+    """A file or folder inside a run folder (``path(run, BEST_FILE)``)."""
+    return storage.join(run, *parts)
+
+
+def location(ray_path: str, storage_path: str) -> str:
+    """A path as Ray reports it (S3 paths without their scheme) as a user-facing location."""
+    ray_path = str(ray_path)
+    if storage.is_remote(storage_path) and not storage.is_remote(ray_path):
+        return "s3://" + ray_path.lstrip("/")
+    return ray_path
+
+
+def kept_checkpoints(run: str) -> list[tuple[str, dict]]:
+    """Every finished checkpoint that exists in a train run's folder, with its ``meta.json``.
+
+    A directory without ``meta.json`` is a checkpoint still being written (or a broken one) and is skipped.
+    """
+    kept = []
+    for name in storage.list_names(run):
+        if not name.startswith(CHECKPOINT_PREFIX):
+            continue
+        candidate = storage.join(run, name)
+        try:
+            kept.append((candidate, read_meta(candidate)))
+        except (CheckpointError, OSError, ValueError):
+            continue
+    return kept
+
+
+def pick_best(candidates: list[tuple[str, dict]], metric: str, mode: str) -> tuple[str, dict]:
+    """The best ``(location, meta)`` by ``meta["metrics"][metric]``; ties go to the later epoch, as Ray's do.
+
+    Ray ranks the later of two equal scores higher and deletes the earlier one first, so only "ties -> latest"
+    always names a checkpoint that is still there.
+    """
+    scored = [(loc, meta) for loc, meta in candidates if _finite(meta.get("metrics", {}).get(metric))]
+    if not scored:
+        raise CheckpointError(f"no kept checkpoint reports {metric!r}")
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda pair: (sign * float(pair[1]["metrics"][metric]), pair[1].get("epoch") or 0))
+
+
+def best_kept_checkpoint(run: str, metric: str, mode: str) -> tuple[str, dict]:
+    """The best checkpoint among those that exist in ``run`` (see :func:`pick_best`)."""
+    candidates = kept_checkpoints(run)
+    if not candidates:
+        raise CheckpointError(f"{run}: the run kept no checkpoint")
+    return pick_best(candidates, metric, mode)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and float(value) == float(value) and abs(float(value)) != float("inf")
+    except (TypeError, ValueError):
+        return False
+
+
+def write_best(run: str, kind: str, checkpoint: str, params: Optional[dict] = None,
+               trial_id: Optional[str] = None) -> dict:
+    """Write ``<run>/best.json`` for ``checkpoint`` after checking that it exists and is a checkpoint.
+
+    Metrics and config come from the checkpoint's own ``meta.json``, so the pointer can never describe another
+    model than the one it names.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    meta = read_meta(checkpoint)  # raises CheckpointError when it is not there
+    best = {"kind": kind, "checkpoint": checkpoint, "metrics": meta.get("metrics", {}),
+            "config": meta.get("config", {}), "params": dict(params or {}), "trial_id": trial_id}
+    storage.write_bytes(path(run, BEST_FILE), json.dumps(best, indent=2, default=float).encode())
+    return best
+
+
+def read_best(uri: str) -> dict:
+    """A ``best.json``, checked against the schema above (it is untrusted input)."""
+    if not storage.exists(uri):
+        raise CheckpointError(f"{uri}: not found")
+    try:
+        best = json.loads(storage.read_bytes(uri))
+    except ValueError as exc:
+        raise CheckpointError(f"{uri}: not valid JSON ({exc})") from None
+    if not isinstance(best, dict) or not isinstance(best.get("checkpoint"), str):
+        raise CheckpointError(f"{uri}: not a best.json pointer (needs a 'checkpoint' string)")
+    for key in ("metrics", "config", "params"):
+        if not isinstance(best.get(key, {}), dict):
+            raise CheckpointError(f"{uri}: '{key}' must be an object")
+    return best

@@ -1,0 +1,121 @@
+"""The run layout and best.json (pure), the searched-parameter table, and the cluster checks' pure parts."""
+import json
+
+import pytest
+import torch
+
+from genderid import runs, search
+from genderid.checkpoint import CheckpointError, save_checkpoint
+from genderid.config import ConfigError, load_config, named_config_path
+from genderid.model import GenderNet
+from genderid.preprocess import Preprocessing
+
+
+def fake_run(tmp_path, metrics_by_epoch, kept):
+    """A train run folder holding checkpoints of the ``kept`` epochs (what Ray left), with their metrics."""
+    run = tmp_path / "run"
+    model = GenderNet(width=0.0625, batch_norm=True).eval()
+    for epoch in kept:
+        save_checkpoint(run / f"checkpoint_2026-01-01_00-00-{epoch:02d}.000000", model,
+                        preprocessing=Preprocessing(image_size=(32, 32)), metrics=metrics_by_epoch[epoch], epoch=epoch)
+    (run / "checkpoint_unfinished").mkdir()  # no meta.json: still being written
+    return run
+
+
+def test_ties_go_to_the_latest_epoch_which_is_the_one_ray_kept(tmp_path):
+    metrics = {1: {"val_accuracy": 0.9}, 2: {"val_accuracy": 0.9}, 3: {"val_accuracy": 0.8}}
+    # keep_checkpoints=1 with Ray's tie rule: epoch 1 was deleted, epoch 2 kept (best), epoch 3 kept (latest).
+    run = fake_run(tmp_path, metrics, kept=(2, 3))
+    location, meta = runs.best_kept_checkpoint(str(run), "val_accuracy", "max")
+    assert meta["epoch"] == 2 and location.endswith("-02.000000")
+    candidates = [(f"c{e}", {"metrics": m, "epoch": e}) for e, m in metrics.items()]
+    assert runs.pick_best(candidates, "val_accuracy", "max")[0] == "c2"  # the later of the tied 1 and 2
+    assert runs.pick_best(candidates, "val_accuracy", "min")[0] == "c3"
+    with pytest.raises(CheckpointError, match="val_auc"):
+        runs.pick_best(candidates, "val_auc", "max")
+
+
+def test_best_json_is_written_only_for_a_checkpoint_that_exists_and_describes_it(tmp_path):
+    metrics = {1: {"val_accuracy": 0.7, "val_loss": 0.5}}
+    run = fake_run(tmp_path, metrics, kept=(1,))
+    location, _ = runs.best_kept_checkpoint(str(run), "val_loss", "min")
+    best = runs.write_best(str(run), "sweep", location, params={"lr": 0.01}, trial_id="t1")
+    assert runs.read_best(str(run / runs.BEST_FILE)) == best
+    assert best["metrics"] == metrics[1] and best["params"] == {"lr": 0.01} and best["kind"] == "sweep"
+    with pytest.raises(CheckpointError):
+        runs.write_best(str(run), "train", str(run / "checkpoint_deleted"))
+    assert json.loads((run / runs.BEST_FILE).read_text())["checkpoint"] == location  # the old pointer stands
+    (run / "bad.json").write_text('{"checkpoint": 3}')
+    with pytest.raises(CheckpointError, match="checkpoint"):
+        runs.read_best(str(run / "bad.json"))
+
+
+def test_locations_and_layout():
+    assert runs.location("bucket/runs/x/checkpoint_1", "s3://bucket/runs") == "s3://bucket/runs/x/checkpoint_1"
+    assert runs.location("/abs/runs/x", "runs") == "/abs/runs/x"
+    assert runs.run_dir("s3://b/p", "n") == "s3://b/p/n"
+
+
+def test_the_searched_parameter_table_drives_space_values_and_columns():
+    config = load_config(named_config_path("tiny"), ["tune.batch_size=[8, 16]"])
+    assert search.space(config) == {"lr": ("loguniform", (0.0003, 0.01)), "unfreeze_depth": ("choice", [1, 5]),
+                                    "batch_size": ("choice", [8, 16])}
+    values = search.apply_params(config.to_dict(), {"lr": 0.02, "unfreeze_depth": 3, "batch_size": 8})
+    assert (values["train"]["lr"], values["model"]["unfreeze_depth"], values["train"]["batch_size"]) == (0.02, 3, 8)
+    assert search.params_of({"config/lr": 0.1, "config/unfreeze_depth": 2, "other": 1}) == {"lr": 0.1,
+                                                                                           "unfreeze_depth": 2}
+    assert search.describe({"lr": 0.000123, "unfreeze_depth": 2}) == "lr 0.000123, unfreeze_depth 2"
+    with pytest.raises(KeyError):
+        search.apply_params({}, {"momentum": 0.9})
+
+
+def test_orphaned_placement_groups_are_those_of_dead_jobs_only():
+    from genderid.ray_cleanup import orphaned_placement_groups
+
+    class Status:  # the State API hands out an enum
+        def __init__(self, value):
+            self.value = value
+
+    jobs = [{"job_id": "01", "status": Status("RUNNING")}, {"job_id": "02", "status": Status("SUCCEEDED")},
+            {"job_id": "03", "status": "FAILED"}]
+    groups = [
+        {"placement_group_id": "live", "creator_job_id": "01", "state": "CREATED", "is_detached": False},
+        {"placement_group_id": "orphan", "creator_job_id": "02", "state": "CREATED", "is_detached": False},
+        {"placement_group_id": "pending-orphan", "creator_job_id": "03", "state": "PENDING", "is_detached": False},
+        {"placement_group_id": "removed", "creator_job_id": "02", "state": "REMOVED", "is_detached": False},
+        {"placement_group_id": "detached", "creator_job_id": "02", "state": "CREATED", "is_detached": True},
+        {"placement_group_id": "unknown-job", "creator_job_id": "09", "state": "CREATED", "is_detached": False},
+    ]
+    assert orphaned_placement_groups(groups, jobs) == ["orphan", "pending-orphan"]
+
+
+def test_a_local_storage_path_is_refused_on_nodes_of_several_hosts():
+    pytest.importorskip("ray")
+    from genderid.train_ray import check_shared_storage
+
+    check_shared_storage("runs", {"127.0.0.1"})  # one host: its disk is shared by all its nodes
+    check_shared_storage("s3://bucket/runs", {"10.0.0.1", "10.0.0.2"})
+    check_shared_storage("/mnt/shared/runs", {"10.0.0.1", "10.0.0.2"}, filesystem_type="nfs4")
+    check_shared_storage("/mnt/fuse/runs", {"10.0.0.1", "10.0.0.2"}, filesystem_type="fuse.s3fs")
+    with pytest.raises(ConfigError, match=r"storage.path: runs is a local ext4 path.*2 hosts.*s3://"):
+        check_shared_storage("runs", {"10.0.0.1", "10.0.0.2"}, filesystem_type="ext4")
+
+
+def test_a_checkpoint_rebuilds_from_its_model_config_and_refuses_a_bad_description(tmp_path):
+    from genderid.checkpoint import load_checkpoint
+
+    model = GenderNet(width=0.1, batch_norm=True, unfreeze_depth=3, head_hidden=16).eval()
+    directory = save_checkpoint(tmp_path / "c", model, preprocessing=Preprocessing(image_size=(32, 32)))
+    meta = json.loads((directory / "meta.json").read_text())
+    assert meta["model"] == {"weights": "none", "unfreeze_depth": 3, "width": 0.1, "batch_norm": True,
+                             "head_hidden": 16, "dropout": 0.0}
+    loaded = load_checkpoint(str(directory))
+    assert loaded.model.config == model.config
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded.model(x), model(x))
+    for bad, message in (({"width": 0.1, "depth_of_field": 2}, "depth_of_field: unknown key"),
+                         ({"width": 7}, "model.width")):
+        meta["model"] = bad
+        (directory / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(str(directory))
