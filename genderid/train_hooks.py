@@ -127,6 +127,13 @@ class RecordProcess(TrainHooks):
             json.dumps({"pid": os.getpid(), "ppid": os.getppid()}))
 
 
+class NoTrainSteps(TrainHooks):
+    """Train on no batch: weights and BatchNorm statistics stay as they are, so every epoch's val metrics are equal."""
+
+    def wrap_train_batches(self, batches, model, epoch, rank):
+        return iter(())
+
+
 class WithoutDDP(TrainHooks):
     """A negative control: skip the DDP wrapping, so each rank trains alone on its shard without gradient sync."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from typing import Optional
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -18,6 +19,7 @@ from ray.tune.schedulers import ASHAScheduler
 from genderid import runs, search, storage
 from genderid.config import Config, ConfigError, config_from_dict
 from genderid.report import plot_sweep
+from genderid.train_hooks import TrainHooks
 from genderid.train_ray import build_trainer, check_data_source
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its Train run; Tune rejects 0
@@ -34,10 +36,10 @@ def trial_config(base: dict, params: dict, trials_dir: str, trial_id: str) -> Co
     return config_from_dict(values)
 
 
-def run_trial(params: dict, base: dict, trials_dir: str) -> None:
-    """The Tune trainable: one Ray Train run."""
+def run_trial(params: dict, base: dict, trials_dir: str, hooks: Optional[TrainHooks] = None) -> None:
+    """The Tune trainable: one Ray Train run (``hooks``: see :mod:`genderid.train_hooks`)."""
     config = trial_config(base, params, trials_dir, tune.get_context().get_trial_id())
-    result = build_trainer(config, callbacks=(TuneReportCallback(),)).fit()
+    result = build_trainer(config, hooks=hooks, callbacks=(TuneReportCallback(),)).fit()
     if result.error is not None:
         raise result.error
 
@@ -169,14 +171,15 @@ def check_resume(config: Config, sweep_dir: str) -> bool:
     return True
 
 
-def build_tuner(config: Config, sweep_dir: str, resources: dict):
+def build_tuner(config: Config, sweep_dir: str, resources: dict, hooks: Optional[TrainHooks] = None):
     """A new sweep, or the interrupted one in ``sweep_dir`` (finished trials kept, unfinished ones resumed)."""
     from ray.tune import RunConfig, TuneConfig, Tuner
 
     from genderid.ray_cleanup import OrphanReaper
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=config.to_dict(), trials_dir=runs.path(sweep_dir, runs.TRIALS_DIR)),
+        tune.with_parameters(run_trial, base=config.to_dict(), trials_dir=runs.path(sweep_dir, runs.TRIALS_DIR),
+                             hooks=hooks),
         {"CPU": TRIAL_DRIVER_CPU})
     experiment = runs.path(sweep_dir, runs.TUNE_DIR)
     if Tuner.can_restore(experiment):
@@ -191,8 +194,11 @@ def build_tuner(config: Config, sweep_dir: str, resources: dict):
     )
 
 
-def run_sweep(config: Config) -> tuple[list[dict], dict]:
-    """Run (or resume) the sweep; write its results; return the rows and best.json."""
+def run_sweep(config: Config, hooks: Optional[TrainHooks] = None) -> tuple[list[dict], dict]:
+    """Run (or resume) the sweep; write its results; return the rows and best.json.
+
+    ``hooks`` go to every trial's train loop (instrumentation and fault injection; see :mod:`genderid.train_hooks`).
+    """
     import ray
 
     from genderid.ray_cleanup import release_orphaned_placement_groups
@@ -204,7 +210,7 @@ def run_sweep(config: Config) -> tuple[list[dict], dict]:
     init_ray()
     # What a killed earlier run left reserved would make this one wait forever (see genderid.ray_cleanup).
     release_orphaned_placement_groups()
-    tuner = build_tuner(config, sweep_dir, ray.cluster_resources())
+    tuner = build_tuner(config, sweep_dir, ray.cluster_resources(), hooks)
     if not resuming:
         storage.write_bytes(runs.path(sweep_dir, runs.SWEEP_CONFIG_FILE),
                             json.dumps(config.to_dict(), indent=2).encode())

@@ -33,7 +33,7 @@ def test_default_concurrency_leaves_a_cpu_for_ray_data_and_is_never_zero():
     config = load_config(named_config_path("tiny"))  # 2 workers x 0.45 CPU + 0.01 for the trial driver
     assert default_concurrency(config, {"CPU": 2}) == 1
     assert default_concurrency(config, {"CPU": 8}) == 7
-    gpu = load_config(named_config_path("celeba-vgg16"), ["scaling.num_workers=2"])
+    gpu = load_config(named_config_path("celeba-vgg16"), ["scaling.num_workers=2", "scaling.cpus_per_worker=4"])
     assert default_concurrency(gpu, {"CPU": 64, "GPU": 8}) == 4
     with pytest.raises(ConfigError, match="scaling"):
         default_concurrency(gpu, {"CPU": 4, "GPU": 8})
@@ -64,21 +64,22 @@ def test_sweep_job_with_asha_writes_results_and_a_loadable_best(local_cluster, p
     assert (sweep / "sweep.png").stat().st_size > 1000
 
 
-def test_a_sweep_whose_metric_ties_names_a_checkpoint_that_exists(ray_cluster, prepared, tmp_path):
+def test_a_sweep_whose_val_accuracy_ties_names_a_checkpoint_that_exists(ray_cluster, prepared, tmp_path):
     """Ray keeps the later of tied checkpoints and deletes the earlier: best.json must name the one kept.
 
-    ``val_count`` ties at every epoch by construction (val accuracy ties only by chance on a given run), so this
-    always takes the path where "first epoch reaching the best value" names a deleted checkpoint.
+    The trial trains on no batch (a test hook), so its weights and BatchNorm statistics never change and every
+    epoch's val accuracy is the same: the case where "the first epoch reaching the best value" is deleted.
     """
+    from genderid.train_hooks import NoTrainSteps
     from genderid.tune_ray import run_sweep
 
     config = load_config(named_config_path("tiny"), sweep_overrides(prepared, tmp_path, "ties") + [
-        "tune.num_samples=1", "tune.max_epochs=3", "tune.grace_period=3", "tune.metric=val_count",
-        "train.keep_checkpoints=1"])
-    rows, best = run_sweep(config)
+        "tune.num_samples=1", "tune.max_epochs=3", "tune.grace_period=3", "train.keep_checkpoints=1"])
+    assert config.tune.metric == "val_accuracy"
+    rows, best = run_sweep(config, hooks=NoTrainSteps())
     trial = tmp_path / "sweeps" / "ties" / "trials" / rows[0]["trial_id"]
     history = json.loads((trial / "history.json").read_text())
-    assert len({h["val_count"] for h in history}) == 1 and len(history) == 3  # tied at every epoch
+    assert len(history) == 3 and len({h["val_accuracy"] for h in history}) == 1  # tied at every epoch
     kept = [p for p in trial.glob("checkpoint_*") if (p / "meta.json").exists()]
     assert read_meta(best["checkpoint"])["epoch"] == 3  # ties -> the latest, which is what Ray kept
     assert best["checkpoint"] in {str(p) for p in kept}

@@ -59,19 +59,20 @@ def test_every_command_refuses_bad_input_with_one_line_and_exit_2(tmp_path, synt
         "format": "genderid-parquet", "format_version": 1, "files": [], "rows": 4,
         "counts": {**counts, "test": {"male": 0, "female": 0, "total": 0}}}))
     tiny = "jobs/configs/tiny.yaml"
-    cases = {
-        "synth": (["synth", str(tmp_path / "s"), "--n", "0"], "--n: must be >= 1"),
-        "prepare": (["prepare", "--celeba", str(synthetic_celeba), "--out", str(tmp_path / "p"), "--split",
+    cases = [
+        ("synth", ["synth", str(tmp_path / "s"), "--n", "0"], "--n: must be >= 1"),
+        ("prepare", ["prepare", "--celeba", str(synthetic_celeba), "--out", str(tmp_path / "p"), "--split",
                      "balanced", "--per-class", "100000"], "balanced split: needs 100000"),
-        "train": (["train", "--config", tiny], "data.source: set it"),
-        "tune": (["tune", "--config", tiny, f"data.source={tmp_path / 'nowhere'}"], "not a prepared data set"),
-        "evaluate": (["evaluate", "--checkpoint", str(tmp_path / "c"), "--data", str(no_test_rows), "--out",
+        ("train", ["train", "--config", tiny], "data.source: set it"),
+        ("tune", ["tune", "--config", tiny, f"data.source={tmp_path / 'nowhere'}"], "not a prepared data set"),
+        ("tune", ["tune", "--config", tiny, "tune.max_concurrent_trials=-1"], "tune.max_concurrent_trials: must be"),
+        ("evaluate", ["evaluate", "--checkpoint", str(tmp_path / "c"), "--data", str(no_test_rows), "--out",
                       str(tmp_path / "r")], "the test split has no rows"),
-        "predict": (["predict", str(tmp_path / "x.jpg"), "--checkpoint", str(tmp_path / "nowhere")], "nowhere"),
-        "demo": (["demo", "--workdir", str(tmp_path / "d"), "train.lr=-1"], "train.lr: must be a positive"),
-    }
+        ("predict", ["predict", str(tmp_path / "x.jpg"), "--checkpoint", str(tmp_path / "nowhere")], "nowhere"),
+        ("demo", ["demo", "--workdir", str(tmp_path / "d"), "train.lr=-1"], "train.lr: must be a positive"),
+    ]
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}  # a Ray that is not there: reaching Ray would hang or fail
-    for command, (args, expected) in cases.items():
+    for command, args, expected in cases:
         run = subprocess.run([sys.executable, "-m", "genderid", *args], capture_output=True, text=True, timeout=120,
                              env=env, cwd=REPO)
         lines = run.stderr.strip().splitlines()
