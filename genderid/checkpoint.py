@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,14 @@ class LoadedCheckpoint:
         return list(self.meta["labels"])
 
 
+# Size limits on what a checkpoint location may make us read (untrusted input: a listing or a pointer may be
+# wrong or hostile). Real VGG16 weights are ~60 MB; its training state with Adam is ~116 MB more.
+MAX_META_BYTES = 4_000_000
+MAX_WEIGHTS_BYTES = 2_000_000_000
+MAX_POINTER_BYTES = 1_000_000
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
 def resolve_location(location: str) -> str:
     """A checkpoint location, following a ``best.json`` pointer if one is given."""
     location = str(location)
@@ -120,59 +129,109 @@ def resolve_location(location: str) -> str:
         if not storage.exists(location):
             raise CheckpointError(f"{location}: pointer file not found")
         try:
-            pointer = json.loads(storage.read_bytes(location))
-            return str(pointer["checkpoint"])
+            pointer = json.loads(_read_limited(location, MAX_POINTER_BYTES, "pointer"))
+            target = pointer["checkpoint"]
         except (ValueError, KeyError, TypeError):
             raise CheckpointError(f"{location}: not a best.json pointer (needs a 'checkpoint' key)") from None
+        if not isinstance(target, str) or not target:
+            raise CheckpointError(f"{location}: 'checkpoint' must be a non-empty string")
+        return target
     return location
 
 
-def _verified(path: Path, expected: Optional[str], what: str) -> bytes:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: {what} file missing")
-    data = path.read_bytes()
+def _read_limited(uri: str, limit: int, what: str) -> bytes:
+    """The whole file at ``uri``, refusing one larger than ``limit`` bytes before reading it."""
+    try:
+        size = storage.size(uri)
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri}: {what} file missing") from None
+    if size > limit:
+        raise CheckpointError(f"{uri}: {what} file is {size:,} bytes; the limit is {limit:,}")
+    return storage.read_bytes(uri)
+
+
+def _verified(uri: str, expected: Optional[str], what: str, limit: int) -> bytes:
+    data = _read_limited(uri, limit, what)
     if expected is None or _sha256(data) != expected:
-        raise CheckpointError(f"{path}: {what} do not match the SHA-256 recorded in {META_FILE}; refusing to load")
+        raise CheckpointError(f"{uri}: {what} do not match the SHA-256 recorded in {META_FILE}; refusing to load")
     return data
 
 
+def validate_meta(meta: Any, where: str) -> dict:
+    """Check a ``meta.json`` (untrusted): format, the fixed weights file name, hashes, labels, preprocessing and the
+    model description. Returns it; raises :class:`CheckpointError` naming what is wrong."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{where}: not a {FORMAT} v1-v{FORMAT_VERSION} checkpoint")
+    if meta.get("weights_file") != WEIGHTS_FILE:
+        raise CheckpointError(f"{where}: weights_file must be {WEIGHTS_FILE!r}, got {meta.get('weights_file')!r}")
+    for key in ("weights_sha256", "train_state_sha256"):
+        if key in meta and not (isinstance(meta[key], str) and SHA256_HEX.match(meta[key])):
+            raise CheckpointError(f"{where}: {key} must be 64 lowercase hex digits")
+    if "weights_sha256" not in meta:
+        raise CheckpointError(f"{where}: weights_sha256 is missing")
+    if meta.get("labels") != list(LABELS):
+        raise CheckpointError(f"{where}: labels must be {list(LABELS)}, got {meta.get('labels')!r}")
+    try:
+        Preprocessing.from_dict(meta.get("preprocessing")).validate()
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: invalid preprocessing: {exc}") from None
+    model_config_of(meta, where)
+    return meta
+
+
 def read_meta(location: str) -> dict:
-    """``meta.json`` of a checkpoint (local, ``s3://`` or via ``best.json``) without loading weights."""
+    """``meta.json`` of a checkpoint (local, ``s3://`` or via ``best.json``), validated, without loading weights."""
     location = resolve_location(location)
     uri = storage.join(location, META_FILE)
     if not storage.exists(uri):
         raise CheckpointError(f"{location}: not a checkpoint ({META_FILE} not found)")
-    return json.loads(storage.read_bytes(uri))
-
-
-def load_checkpoint(location: str, map_location: str | torch.device = "cpu",
-                    with_train_state: bool = False) -> LoadedCheckpoint:
-    """Rebuild the model of a checkpoint (local path, ``s3://`` URI or ``best.json``), verifying its SHA-256."""
-    source = resolve_location(location)
-    if not storage.exists(source):
-        raise CheckpointError(f"{source}: checkpoint not found")
-    directory = storage.download_dir(source)
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(f"{source}: not a checkpoint ({META_FILE} not found)")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(_read_limited(uri, MAX_META_BYTES, "meta"))
     except ValueError as exc:
-        raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") not in (1, FORMAT_VERSION):
-        raise CheckpointError(f"{meta_path}: not a {FORMAT} v1-v{FORMAT_VERSION} checkpoint")
-    model_config = model_config_of(meta, str(meta_path))
-    weights = _verified(directory / meta["weights_file"], meta.get("weights_sha256"), "weights")
+        raise CheckpointError(f"{uri}: not valid JSON ({exc})") from None
+    return validate_meta(meta, uri)
+
+
+def pin(location: str, expected_sha256: Optional[str] = None) -> tuple[str, str]:
+    """``(concrete checkpoint location, its weights' SHA-256)`` for a location that may be a ``best.json``.
+
+    Serve resolves the pointer once, when the application is built, and hands every replica the concrete
+    checkpoint and its hash: replicas started later by autoscaling then load exactly that model, even after a
+    retrain has rewritten ``best.json``. ``expected_sha256`` pins a model: any other is refused here.
+    """
+    concrete = resolve_location(location)
+    meta = read_meta(concrete)
+    if expected_sha256 is not None and meta["weights_sha256"] != expected_sha256:
+        raise CheckpointError(f"{location}: its weights have SHA-256 {meta['weights_sha256'][:12]}..., not the pinned "
+                              f"{expected_sha256[:12]}...; refusing to serve it")
+    return concrete, meta["weights_sha256"]
+
+
+def load_checkpoint(location: str, map_location: str | torch.device = "cpu", with_train_state: bool = False,
+                    expected_sha256: Optional[str] = None) -> LoadedCheckpoint:
+    """Rebuild the model of a checkpoint (local path, ``s3://`` URI or ``best.json``), verifying its SHA-256.
+
+    Only the checkpoint's fixed file names are read, each with a size limit, straight into memory: nothing is
+    copied to disk and no name from a listing or from ``meta.json`` becomes a path. ``expected_sha256`` pins the
+    weights: a checkpoint whose weights hash differently is refused.
+    """
+    source = resolve_location(location)
+    meta = read_meta(source)
+    if expected_sha256 is not None and meta["weights_sha256"] != expected_sha256:
+        raise CheckpointError(f"{source}: its weights have SHA-256 {meta['weights_sha256'][:12]}..., not the expected "
+                              f"{expected_sha256[:12]}...; refusing to load")
+    weights = _verified(storage.join(source, WEIGHTS_FILE), meta["weights_sha256"], "weights", MAX_WEIGHTS_BYTES)
     state = torch.load(io.BytesIO(weights), map_location=map_location, weights_only=True)
-    model = GenderNet(model_config)
+    model = GenderNet(model_config_of(meta, source))
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{source}: weights do not fit the model its {META_FILE} describes: {exc}") from None
     model.eval()
     train_state = None
     if with_train_state and meta.get("train_state_sha256"):
-        data = _verified(directory / TRAIN_STATE_FILE, meta["train_state_sha256"], "train state")
+        data = _verified(storage.join(source, TRAIN_STATE_FILE), meta["train_state_sha256"], "train state",
+                         MAX_WEIGHTS_BYTES)
         train_state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     return LoadedCheckpoint(model=model, meta=meta, preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
                             source=source, train_state=train_state)

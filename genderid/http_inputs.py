@@ -17,6 +17,10 @@ GENERIC_BINARY = "application/octet-stream"
 MULTIPART = "multipart/form-data"
 
 
+# Why a request was refused, by its status: the `reason` label of the rejected-inputs metric.
+REJECTION_REASONS = {400: "bad_input", 408: "body_timeout", 413: "too_large", 415: "unsupported_type"}
+
+
 class RequestError(Exception):
     """A request the endpoint refuses: ``status`` is the HTTP code, ``message`` goes to the client as JSON."""
 
@@ -25,19 +29,27 @@ class RequestError(Exception):
         self.status = status
         self.message = message
 
+    @property
+    def reason(self) -> str:
+        return REJECTION_REASONS.get(self.status, "other")
+
 
 @dataclass(frozen=True)
 class Limits:
     """Input limits of the endpoint (``serve_config.yaml``'s application args)."""
 
     max_body_bytes: int = 10_000_000
-    max_pixels: int = 40_000_000
+    # Pixels decoded per image (a JPEG counts at its draft size). Measured peak decode memory at 16 MP: RGBA
+    # WebP 254 MB, RGBA PNG 124 MB, 16-bit grey PNG 33 MB (benchmarks/RESULTS.md): one decode stays well
+    # under a replica's memory, and a 24 MP JPEG photo still passes (it decodes at reduced scale).
+    max_pixels: int = 16_000_000
     max_files: int = 16
+    body_timeout_s: float = 10.0  # the whole body must arrive within this, or 408: slow clients free their slot
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_pixels", "max_files"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_body_bytes", "max_pixels", "max_files", "body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
 
     def check_declared_length(self, content_length: Optional[str]) -> None:
         """Refuse a body by its ``Content-Length`` header, before reading any of it."""
@@ -71,12 +83,45 @@ def check_image_type(content_type: Optional[str], what: str = "request body") ->
                             f"image/png, ...) or multipart/form-data with 'file' fields")
 
 
+# The formats the endpoint decodes, by their magic bytes. Only these decoders ever see request bytes: PIL's many
+# others (TIFF, PSD, EPS, ...) are a large attack surface and nothing users send from a camera or a browser.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
+_SIGNATURES = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",)}
+# Other image formats, recognised only to answer 415 (a known image we do not take) rather than 400 (not an image).
+_OTHER_IMAGES = {"TIFF": (b"II*\x00", b"MM\x00*"), "GIF": (b"GIF87a", b"GIF89a"), "BMP": (b"BM",),
+                 "PSD": (b"8BPS",), "EPS": (b"%!PS", b"\xc5\xd0\xd3\xc6"), "ICO": (b"\x00\x00\x01\x00",),
+                 "JPEG 2000": (b"\x00\x00\x00\x0cjP  ",), "HEIF/AVIF": (b"ftyp",)}
+
+
+def sniff_format(data: bytes) -> Optional[str]:
+    """``JPEG``, ``PNG`` or ``WEBP`` from the first bytes, else None."""
+    for name, signatures in _SIGNATURES.items():
+        if data.startswith(signatures):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _other_image_format(data: bytes) -> Optional[str]:
+    for name, signatures in _OTHER_IMAGES.items():
+        if data.startswith(signatures) or (name == "HEIF/AVIF" and data[4:8] in signatures):
+            return name
+    return None
+
+
 def decode_upload(data: bytes, preprocessing: Preprocessing, limits: Limits, what: str = "image") -> np.ndarray:
-    """One uploaded image -> the model's CHW float32 input, or a :class:`RequestError` (400 / 413)."""
+    """One uploaded image -> the model's CHW float32 input, or a :class:`RequestError` (400 / 413 / 415)."""
     if not data:
         raise RequestError(400, f"{what}: empty body")
+    kind = sniff_format(data)
+    if kind is None:
+        other = _other_image_format(data)
+        if other:
+            raise RequestError(415, f"{what}: {other} images are not accepted; send JPEG, PNG or WebP")
+        raise RequestError(400, f"{what}: not a JPEG, PNG or WebP image")
     try:
-        return preprocessing(data, max_pixels=limits.max_pixels)
+        return preprocessing(data, max_pixels=limits.max_pixels, formats=(kind,))
     except ImageTooLargeError as exc:
         raise RequestError(413, f"{what}: {exc}") from None
     except ImageDecodeError as exc:

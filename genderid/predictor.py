@@ -35,9 +35,11 @@ class Predictor:
         self.labels = checkpoint.labels
 
     @classmethod
-    def from_checkpoint(cls, location: str, device: str | torch.device = "cpu", batch_size: int = 16) -> "Predictor":
-        """Load from a checkpoint directory, ``s3://`` URI or ``best.json`` (SHA-256 verified)."""
-        return cls(load_checkpoint(location, map_location=device), device=device, batch_size=batch_size)
+    def from_checkpoint(cls, location: str, device: str | torch.device = "cpu", batch_size: int = 16,
+                        expected_sha256: Optional[str] = None) -> "Predictor":
+        """Load from a checkpoint directory, ``s3://`` URI or ``best.json`` (SHA-256 verified; optionally pinned)."""
+        return cls(load_checkpoint(location, map_location=device, expected_sha256=expected_sha256), device=device,
+                   batch_size=batch_size)
 
     @property
     def model_version(self) -> str:

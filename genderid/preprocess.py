@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -27,19 +27,41 @@ class ImageTooLargeError(UserError, ValueError):
     """The image's dimensions exceed the pixel limit (a decompression bomb, or just far too big)."""
 
 
+def shrink(img: Image.Image, size: Optional[tuple[int, int]]) -> Image.Image:
+    """Reduce an image far larger than ``size`` (width, height) by a whole factor, keeping at least twice ``size``.
+
+    Done before any mode conversion, so that conversion's temporaries are of the small image: a box filter where
+    PIL has one for the mode, nearest neighbour (palette, 1-bit, 16-bit) elsewhere.
+    """
+    if size is None:
+        return img
+    factor = int(min(img.width / (2 * size[0]), img.height / (2 * size[1])))
+    if factor < 2:
+        return img
+    if img.mode in ("P", "1", "I;16", "I;16B", "I;16L", "I;16N"):
+        return img.resize((max(1, img.width // factor), max(1, img.height // factor)), Image.NEAREST)
+    return img.reduce(factor)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: grayscale, CMYK, palette, RGBA/LA (on white), 16-bit and float images."""
     if img.mode == "RGB":
         return img
     if img.mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # PIL's convert("L") clips 16-bit values at 255; scale the real range into 0-255 instead.
-        array = np.asarray(img, dtype=np.float64)
-        high = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
-        if img.mode == "F":
-            high = max(float(array.max()), 1.0)
-        img = Image.fromarray(np.clip(array / high * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        # PIL's convert("L") clips 16-bit values at 255; keep the high byte instead (2 bytes a pixel, no floats).
+        img = Image.fromarray((np.asarray(img).astype(np.uint16, copy=False) >> 8).astype(np.uint8))
+    elif img.mode in ("I", "F"):
+        array = np.asarray(img, dtype=np.float32)
+        peak = float(array.max()) if array.size else 0.0
+        if img.mode == "I":
+            high = 255.0 if peak <= 255 else (65535.0 if peak <= 65535 else peak)
+        else:
+            high = max(peak, 1.0)
+        array *= 255.0 / high
+        np.clip(array, 0, 255, out=array)
+        img = Image.fromarray((array + 0.5).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -48,12 +70,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_image(data: ImageInput, draft_size: Optional[tuple[int, int]] = None,
-               max_pixels: Optional[int] = None) -> Image.Image:
+               max_pixels: Optional[int] = None, formats: Optional[Sequence[str]] = None) -> Image.Image:
     """Decode bytes (or take a PIL image), apply its EXIF orientation and return it as RGB.
 
-    ``draft_size`` (width, height) lets JPEG decode at a reduced scale, for photos far larger than needed.
-    ``max_pixels`` is checked on the header's dimensions, before any pixel is decoded; PIL's own
-    decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) applies as well. Both raise :class:`ImageTooLargeError`.
+    ``draft_size`` (width, height) is the size the caller needs: a JPEG decodes at a reduced scale, other images
+    are reduced right after decoding, before any mode conversion. ``max_pixels`` is checked on the size that will
+    be decoded (a JPEG's draft size), before any pixel is decoded; PIL's own decompression-bomb guard
+    (``Image.MAX_IMAGE_PIXELS``) applies to the header as well. Both raise :class:`ImageTooLargeError`.
+    ``formats`` limits which of PIL's decoders may look at the bytes (e.g. ``("JPEG", "PNG", "WEBP")``).
     """
     if isinstance(data, Image.Image):
         img = data
@@ -61,12 +85,12 @@ def open_image(data: ImageInput, draft_size: Optional[tuple[int, int]] = None,
         if not data:
             raise ImageDecodeError("empty image")
         try:
-            img = Image.open(io.BytesIO(bytes(data)))
+            img = Image.open(io.BytesIO(bytes(data)), formats=formats)
+            if draft_size is not None and img.format == "JPEG":
+                img.draft("RGB", draft_size)
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageTooLargeError(f"image is {img.width}x{img.height} = {img.width * img.height:,} pixels; "
                                          f"the limit is {max_pixels:,}")
-            if draft_size is not None and img.format == "JPEG":
-                img.draft("RGB", draft_size)
             img.load()
         except ImageTooLargeError:
             raise
@@ -76,6 +100,7 @@ def open_image(data: ImageInput, draft_size: Optional[tuple[int, int]] = None,
             raise ImageDecodeError("not a recognised image format (JPEG, PNG, WebP, ...)") from None
         except Exception as exc:  # PIL raises many types for corrupt input
             raise ImageDecodeError(f"cannot decode image: {exc}") from None
+    img = shrink(img, draft_size)
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block must not make a good image unusable
@@ -98,7 +123,28 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Preprocessing":
+        if not isinstance(values, dict):
+            raise ValueError(f"preprocessing must be a mapping, got {values!r}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def validate(self) -> "Preprocessing":
+        """Raise ValueError when a field is out of range (a checkpoint's stored preprocessing is untrusted)."""
+        def numbers(name, values, count):
+            if not isinstance(values, tuple) or len(values) != count or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be {count} finite numbers, got {values!r}")
+
+        numbers("image_size", self.image_size, 2)
+        if not all(float(v).is_integer() and 16 <= v <= 4096 for v in self.image_size):
+            raise ValueError(f"image_size must be two whole numbers in 16..4096, got {self.image_size!r}")
+        numbers("mean", self.mean, 3)
+        numbers("std", self.std, 3)
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std!r}")
+        numbers("crop_scale", self.crop_scale, 2)
+        if not (isinstance(self.flip_prob, (int, float)) and 0 <= self.flip_prob <= 1):
+            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob!r}")
+        return self
 
     def resize(self, img: Image.Image, rng: Optional[np.random.Generator] = None) -> Image.Image:
         """Scale to cover ``image_size`` and crop (centre, or a mild random resized crop when ``rng`` is given)."""
@@ -126,9 +172,10 @@ class Preprocessing:
         return width, height
 
     def __call__(self, data: ImageInput, rng: Optional[np.random.Generator] = None,
-                 max_pixels: Optional[int] = None) -> np.ndarray:
+                 max_pixels: Optional[int] = None, formats: Optional[Sequence[str]] = None) -> np.ndarray:
         """One image -> float32 CHW array, normalised. Passing ``rng`` turns on train augmentation."""
-        img = self.resize(open_image(data, draft_size=self.draft_size(), max_pixels=max_pixels), rng)
+        img = self.resize(open_image(data, draft_size=self.draft_size(), max_pixels=max_pixels, formats=formats),
+                          rng)
         if rng is not None and rng.random() < self.flip_prob:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         array = np.asarray(img, dtype=np.float32) / 255.0

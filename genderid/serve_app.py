@@ -4,12 +4,14 @@
 :class:`ServeArgs`) hold the checkpoint, batching and input limits, and its ``deployments`` entry holds replicas,
 autoscaling, concurrency and health checks. Nothing of that is fixed here.
 
-Per request: read the body (size-limited) -> decode and validate off the event loop (bad input answered here,
-alone) -> ``@serve.batch`` -> one forward pass for the whole batch in a worker thread.
+Per request: read the body (size- and time-limited) -> decode and validate in a bounded pool (bad input answered
+here, alone) -> the continuous batcher (:mod:`genderid.batching`) -> one forward pass per batch in a worker thread.
 """
 
 import asyncio
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -20,10 +22,13 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from genderid.batching import ContinuousBatcher
 from genderid.checkpoint import model_description
+from genderid.serve_metrics import metrics
 from genderid.http_inputs import MULTIPART, Limits, RequestError, check_image_type, decode_upload, media_type
 
 logger = logging.getLogger("ray.serve")
+LIMITS = Limits()  # the defaults of the input limits live in http_inputs.Limits
 api = FastAPI(title="genderid", description="Male/female face classification (CelebA's binary Male label).")
 
 
@@ -33,18 +38,42 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str = Field(description="checkpoint directory, best.json, or s3:// URI of either")
+    expected_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$",
+                                           description="pin the model: refuse a checkpoint whose weights differ")
     report: Optional[str] = Field(None, description="optional report.json of `genderid evaluate` for /metadata")
     max_batch_size: int = Field(8, ge=1, description="images per forward pass (1 turns batching off)")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
-    max_body_bytes: int = Field(10_000_000, ge=1)
-    max_pixels: int = Field(40_000_000, ge=1)
-    max_files: int = Field(16, ge=1, description="most `file` fields in one multipart request")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="extra wait for a batch to fill once the model is "
+                                                                 "free (0: take what is queued, never wait)")
+    max_body_bytes: int = Field(LIMITS.max_body_bytes, ge=1, description="413 above this many body bytes")
+    max_pixels: int = Field(LIMITS.max_pixels, ge=1, description="413 above this many decoded pixels per image")
+    max_files: int = Field(LIMITS.max_files, ge=1, description="most `file` fields in one multipart request")
+    body_timeout_s: float = Field(LIMITS.body_timeout_s, gt=0, description="408 when the body takes longer")
+    decode_threads: int = Field(1, ge=1, description="images decoded at once per replica (memory: see max_pixels)")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica; match ray_actor_options.num_cpus")
     device: str = Field("auto", description="auto (cuda when the replica has a GPU), cpu or cuda")
 
 
+@api.middleware("http")
+async def _count_requests(request: Request, call_next):
+    from genderid.serve_metrics import metrics  # imported here: Serve ships this function to replicas by value
+
+    response = await call_next(request)
+    try:  # counting must never fail a request
+        route = getattr(request.scope.get("route"), "path", None) or "other"  # the route that matched, if any
+        metrics().requests.inc(tags={"route": route, "status": str(response.status_code)})
+    except Exception:
+        logger.debug("genderid: could not count a request", exc_info=True)
+    return response
+
+
 @api.exception_handler(RequestError)
 async def _request_error(_request: Request, exc: RequestError) -> JSONResponse:
+    from genderid.serve_metrics import metrics
+
+    try:
+        metrics().rejected.inc(tags={"reason": exc.reason})
+    except Exception:
+        logger.debug("genderid: could not count a rejection", exc_info=True)
     return JSONResponse({"error": exc.message}, status_code=exc.status)
 
 
@@ -61,13 +90,26 @@ async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _read_body(request: Request, limits: Limits) -> bytes:
+    """The whole body, within ``max_body_bytes`` and ``body_timeout_s`` (413 / 408).
+
+    Ray Serve's proxy streams the body to the replica as it arrives, so a client that trickles it holds one of
+    the replica's ongoing-request slots; the deadline gives the slot back. It is enforced here, in the app,
+    because a client can lift the proxy's own timeout with a request header.
+    """
     limits.check_declared_length(request.headers.get("content-length"))
-    chunks, size = [], 0
-    async for chunk in request.stream():  # counted as it arrives: a chunked upload cannot exceed the limit either
-        size += len(chunk)
-        limits.check_read_length(size)
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a chunked upload cannot exceed the limit
+            size += len(chunk)
+            limits.check_read_length(size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout=limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s") from None
 
 
 async def _multipart_files(request: Request, body: bytes, limits: Limits) -> list[tuple[str, bytes]]:
@@ -105,14 +147,18 @@ class GenderIdService:
         from genderid.predictor import Predictor
 
         self.args = ServeArgs.model_validate(args)
-        self.limits = Limits(self.args.max_body_bytes, self.args.max_pixels, self.args.max_files)
+        self.limits = Limits(self.args.max_body_bytes, self.args.max_pixels, self.args.max_files,
+                             self.args.body_timeout_s)
+        # Decoding is bounded per replica: at most decode_threads images in memory at once, whatever the load.
+        self._decode_pool = ThreadPoolExecutor(max_workers=self.args.decode_threads, thread_name_prefix="decode")
         torch.set_num_threads(self.args.torch_threads)
         device = self.args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             self.predictor = Predictor.from_checkpoint(self.args.checkpoint, device=device,
-                                                       batch_size=self.args.max_batch_size)
+                                                       batch_size=self.args.max_batch_size,
+                                                       expected_sha256=self.args.expected_sha256)
         except (CheckpointError, OSError) as exc:
             # One clear line in the replica log and in `serve status`; the replica does not start.
             logger.error("genderid: cannot load checkpoint %s: %s", self.args.checkpoint, exc)
@@ -124,32 +170,56 @@ class GenderIdService:
             from genderid.report import summary
 
             self.test_metrics = summary(json.loads(storage.read_bytes(self.args.report)))
-        self._infer.set_max_batch_size(self.args.max_batch_size)
-        self._infer.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self.metrics = metrics()
+        self._batcher = ContinuousBatcher(self._forward, self.args.max_batch_size, self.args.batch_wait_timeout_s)
         logger.info("genderid: serving model %s from %s on %s", self.predictor.model_version,
                     self.predictor.checkpoint.source, device)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced from the args in __init__
-    async def _infer(self, arrays: list[np.ndarray]) -> list[dict]:
+    async def _infer(self, array: np.ndarray) -> dict:
+        return await self._batcher.submit(array)
+
+    async def _forward(self, arrays: list[np.ndarray]) -> list[dict]:
+        started = time.perf_counter()
         predictions = await asyncio.to_thread(self.predictor.predict_arrays, np.stack(arrays))
+        self.metrics.forward_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(arrays))
         version = self.predictor.model_version
+        for prediction in predictions:
+            self.metrics.predictions.inc(tags={"label": prediction.label})
         return [p.to_dict(version) for p in predictions]
 
     async def _decode(self, data: bytes, what: str) -> np.ndarray:
-        return await asyncio.to_thread(decode_upload, data, self.predictor.preprocessing, self.limits, what)
+        """Decode in the bounded pool; the request stays ongoing until its decode has ended, even if cancelled."""
+        future = asyncio.get_running_loop().run_in_executor(self._decode_pool, self._timed_decode, data, what)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait([future])  # the thread cannot be stopped: hold the slot until it is done
+            raise
+
+    def _timed_decode(self, data: bytes, what: str) -> np.ndarray:
+        started = time.perf_counter()
+        try:
+            return decode_upload(data, self.predictor.preprocessing, self.limits, what)
+        finally:
+            self.metrics.decode_seconds.observe(time.perf_counter() - started)
 
     @api.post("/predict")
     async def predict(self, request: Request) -> dict:
         """A raw image body -> one prediction; multipart ``file`` fields -> one per file, in order."""
+        started = time.perf_counter()
         body = await _read_body(request, self.limits)
+        self.metrics.body_seconds.observe(time.perf_counter() - started)
         kind = media_type(request.headers.get("content-type"))
         if kind == MULTIPART:
             files = await _multipart_files(request, body, self.limits)
         else:
             check_image_type(kind)
             files = [("request body", body)]
-        # Every image is decoded and checked before any joins a batch: a bad one fails only its own request.
-        arrays = await asyncio.gather(*(self._decode(data, what) for what, data in files))
+        # Every image is decoded and checked before any joins a batch: a bad one fails only its own request. One at
+        # a time: a request stops at its first bad file and never has more than one image decoding.
+        arrays = [await self._decode(data, what) for what, data in files]
+        del body, files  # a waiting request holds its small arrays, not its upload
         predictions = await asyncio.gather(*(self._infer(array) for array in arrays))
         if len(predictions) == 1:
             return predictions[0]
@@ -172,17 +242,19 @@ class GenderIdService:
             "batching": {"max_batch_size": self.args.max_batch_size,
                          "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
             "limits": {"max_body_bytes": self.limits.max_body_bytes, "max_pixels": self.limits.max_pixels,
-                       "max_files": self.limits.max_files},
+                       "max_files": self.limits.max_files, "body_timeout_s": self.limits.body_timeout_s},
         }
 
 
 def build_app(args: ServeArgs) -> serve.Application:
     """The application builder named by ``serve_config.yaml`` (``genderid.serve_app:build_app``).
 
-    The checkpoint's ``meta.json`` is read here, so a missing or mistyped location fails the deploy with a clear
-    message before any running replica is replaced.
+    The checkpoint's ``meta.json`` is read and validated here, so a missing or mistyped location fails the deploy
+    with a clear message before any running replica is replaced. A ``best.json`` is resolved here, once: every
+    replica gets the concrete checkpoint and its SHA-256, so replicas added later serve the same model.
     """
-    from genderid.checkpoint import read_meta
+    from genderid.checkpoint import pin
 
-    read_meta(args.checkpoint)
-    return GenderIdService.bind(args.model_dump())
+    checkpoint, sha256 = pin(args.checkpoint, args.expected_sha256)
+    return GenderIdService.bind(args.model_copy(update={"checkpoint": checkpoint, "expected_sha256": sha256})
+                                .model_dump())

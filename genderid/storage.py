@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import tempfile
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -68,6 +67,15 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def size(uri: str) -> int:
+    """Size in bytes of the file at ``uri``; FileNotFoundError when there is none."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{uri}: no such file")
+    return int(info.size)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as stream:
@@ -111,20 +119,3 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
     local_dir = Path(local_dir)
     for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
         write_bytes(join(uri, *file.relative_to(local_dir).parts), file.read_bytes())
-
-
-def download_dir(uri: str, local_dir: str | Path | None = None) -> Path:
-    """Copy a remote folder to a local one (a new temporary folder by default); local paths are returned as is."""
-    if not is_remote(uri):
-        return Path(uri)
-    local_dir = Path(local_dir or tempfile.mkdtemp(prefix="genderid-"))
-    fs, path = filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    files = [info for info in infos if info.type == pafs.FileType.File]
-    if not files:
-        raise FileNotFoundError(f"{uri}: no such folder, or it is empty")
-    for info in files:
-        target = local_dir / posixpath.relpath(info.path, path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(info.path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local_dir

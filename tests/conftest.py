@@ -97,6 +97,7 @@ class LocalCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="gid-ray-", dir="/tmp")
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.metrics_port = free_port()  # Ray's Prometheus endpoint for this node (application metrics too)
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.num_cpus = num_cpus
 
@@ -116,7 +117,7 @@ class LocalCluster:
     def start(self) -> None:
         ports = {"--port": self.port, "--dashboard-port": self.dashboard_port,
                  "--ray-client-server-port": free_port(), "--node-manager-port": free_port(),
-                 "--object-manager-port": free_port(), "--metrics-export-port": free_port(),
+                 "--object-manager-port": free_port(), "--metrics-export-port": self.metrics_port,
                  "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
                  "--runtime-env-agent-port": free_port()}
         args = ["start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",

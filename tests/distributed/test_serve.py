@@ -226,6 +226,166 @@ def test_good_requests_sharing_a_batch_window_with_bad_ones_all_succeed(endpoint
             assert answer.json()["label"] == expected[index].label
 
 
+def replica_pid(local_cluster):
+    [replica] = [r for r in deployment(local_cluster)["replicas"] if r["state"] == "RUNNING"]
+    return replica["pid"]
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as handle:
+        return int(handle.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def test_hostile_uploads_are_refused_at_once_and_the_replicas_memory_stays_bounded(endpoint, local_cluster, model):
+    """Sixteen 16-bit 6300x6300 PNGs in one ~1.3 MB multipart request, and a float TIFF: a quick 4xx each."""
+    png = io.BytesIO()
+    Image.new("I;16", (6300, 6300), 1234).save(png, format="PNG")
+    files = [("file", (f"{i}.png", png.getvalue(), "image/png")) for i in range(16)]
+    tiff = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).random((1200, 1200), dtype=np.float32)).save(tiff, format="TIFF")
+    pid = replica_pid(local_cluster)
+    before, peak, stop = rss_mb(pid), [0.0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mb(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        started = time.perf_counter()
+        pngs = requests.post(endpoint["url"] + "/predict", files=files, timeout=60)
+        png_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        float_tiff = post(endpoint["url"], tiff.getvalue(), "image/tiff")
+        tiff_seconds = time.perf_counter() - started
+    finally:
+        stop.set()
+        sampler.join()
+    assert sum(len(f[1][1]) for f in files) < 1_500_000 and len(tiff.getvalue()) < 10_000_000  # within the body limit
+    assert pngs.status_code == 413 and "6300x6300" in pngs.json()["error"]
+    assert float_tiff.status_code == 415 and "TIFF" in float_tiff.json()["error"]
+    assert png_seconds < 3 and tiff_seconds < 3, (png_seconds, tiff_seconds)
+    assert peak[0] - before < 600, f"the replica grew by {peak[0] - before:.0f} MB"
+    assert post(endpoint["url"], model["images"][0]).status_code == 200
+
+
+def test_slow_uploads_get_408_at_the_deadline_and_do_not_stop_other_clients(endpoint, model):
+    """24 connections sending one byte a second; meanwhile normal requests are answered as usual."""
+    import socket
+
+    deadline = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]["body_timeout_s"]
+    slow = []
+    for _ in range(24):
+        sock = socket.create_connection(("127.0.0.1", endpoint["port"]), timeout=deadline + 30)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: 100000\r\n\r\n")
+        slow.append(sock)
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.is_set():
+            for sock in slow:
+                try:
+                    sock.send(b"\xff")
+                except OSError:
+                    pass
+            time.sleep(1)
+
+    trickler = threading.Thread(target=trickle)
+    trickler.start()
+    started = time.time()
+    try:
+        latencies = []
+        while time.time() - started < deadline - 2:
+            sent = time.perf_counter()
+            assert post(endpoint["url"], model["images"][len(latencies) % 16]).status_code == 200
+            latencies.append(time.perf_counter() - sent)
+        answers = []
+        for sock in slow:  # each slow upload is answered 408 at its deadline, and its connection ends
+            sock.settimeout(max(1.0, started + deadline + 20 - time.time()))
+            data = b""
+            try:
+                while chunk := sock.recv(4096):
+                    data += chunk
+                    if b"\r\n\r\n" in data and b"}" in data:
+                        break
+            except OSError:
+                pass
+            answers.append(data)
+    finally:
+        stop.set()
+        trickler.join()
+        for sock in slow:
+            sock.close()
+    assert np.median(latencies) < 2, latencies
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers), [a[:40] for a in answers]
+    assert time.time() - started < deadline + 20
+
+
+def metric_totals(local_cluster) -> dict:
+    """Our application metrics from Ray's Prometheus endpoint, summed over Ray's own labels."""
+    import re
+
+    text = requests.get(f"http://127.0.0.1:{local_cluster.metrics_port}/metrics", timeout=10).text
+    totals = {}
+    for line in text.splitlines():
+        match = re.match(r"^(ray_genderid_\w+)(?:{(.*)})? ([0-9.e+-]+)$", line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        ours = tuple(sorted((k, v) for k, v in re.findall(r'(\w+)="([^"]*)"', labels or "")
+                            if k in ("route", "status", "reason", "label")))
+        totals[(name, ours)] = totals.get((name, ours), 0.0) + float(value)
+    return totals
+
+
+def test_application_metrics_reach_rays_prometheus_endpoint_with_the_right_counts(endpoint, local_cluster, model):
+    before = metric_totals(local_cluster)
+    good = [post(endpoint["url"], image) for image in model["images"][:3]]
+    labels = [a.json()["label"] for a in good]
+    assert post(endpoint["url"], b"hello", "text/plain").status_code == 415
+    assert post(endpoint["url"], b"", "image/jpeg").status_code == 400
+    expected = {
+        ("ray_genderid_requests_total", (("route", "/predict"), ("status", "200"))): 3,
+        ("ray_genderid_requests_total", (("route", "/predict"), ("status", "415"))): 1,
+        ("ray_genderid_requests_total", (("route", "/predict"), ("status", "400"))): 1,
+        ("ray_genderid_rejected_total", (("reason", "unsupported_type"),)): 1,
+        ("ray_genderid_rejected_total", (("reason", "bad_input"),)): 1,
+        **{("ray_genderid_predictions_total", (("label", label),)): labels.count(label) for label in set(labels)},
+        ("ray_genderid_decode_seconds_count", ()): 4,  # three images and the empty body; text never reaches it
+        ("ray_genderid_batch_size_count", ()): 3,  # one request at a time: one forward pass each
+        ("ray_genderid_forward_seconds_count", ()): 3,
+        ("ray_genderid_body_seconds_count", ()): 5,
+    }
+
+    def counted():
+        now = metric_totals(local_cluster)
+        return {key: now.get(key, 0.0) - before.get(key, 0.0) for key in expected}
+
+    try:
+        wait_for(lambda: counted() == expected, 90, "the metrics to be exported")
+    except AssertionError:
+        raise AssertionError(f"exported deltas {counted()} != expected {expected}") from None
+
+
+def test_load_past_the_concurrency_limit_keeps_serving_and_overload_gets_a_fast_503(endpoint, model):
+    """The shipped config: throughput holds at 4x the replica's batch; far past the queue, 503 at once."""
+    from genderid.loadgen import drive
+
+    url, image = endpoint["url"] + "/predict", model["images"][0]
+    deployment_config = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["deployments"][0]
+    at_8 = drive(url, image, 8, 6)
+    at_32 = drive(url, image, 32, 6)
+    assert at_8["failed"] == at_32["failed"] == 0 and at_8["rejected"] == at_32["rejected"] == 0
+    assert at_32["rps"] >= 0.5 * at_8["rps"], (at_8, at_32)  # no collapse (it fell to 0.2x before the fix)
+    capacity = deployment_config["max_ongoing_requests"] + deployment_config["max_queued_requests"]
+    flood = drive(url, image, 4 * capacity, 4)
+    assert flood["failed"] == 0 and 503 in flood["rejected_statuses"], flood
+    assert flood["rejected_p50_ms"] < 2000, flood  # the excess is told at once, not kept waiting
+
+
 def deploy_cli(local_cluster, config, path):
     run = serve_cli(local_cluster, "deploy", write(config, path), "--address", local_cluster.dashboard_url)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]

@@ -91,3 +91,57 @@ def test_predictor_takes_bytes_and_pil_images_in_batches(checkpoint):
     assert np.allclose([p.p_male for p in predictions], expected, atol=1e-5)
     assert all(p.label == ("male" if p.p_male >= 0.5 else "female") for p in predictions)
     assert predictions[0].to_dict("v1")["model_version"] == "v1"
+
+
+def _saved(tmp_path, name="ckpt", seed=0):
+    torch.manual_seed(seed)
+    model = GenderNet(width=0.0625, batch_norm=True).eval()
+    return save_checkpoint(tmp_path / name, model, preprocessing=Preprocessing(image_size=(32, 32)))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("weights_file", "../../outside.pt", "weights_file must be 'model.pt'"),
+    ("labels", ["cat", "dog"], "labels must be"),
+    ("preprocessing", {"image_size": [32, 10**6]}, "invalid preprocessing"),
+    ("preprocessing", {"image_size": [32, 32], "mean": [0.5], "std": [1, 1, 1]}, "invalid preprocessing"),
+    ("weights_sha256", "not-a-hash", "weights_sha256 must be 64"),
+    ("model", {"width": 0.0625, "layers": 99}, "invalid model description"),
+])
+def test_a_tampered_meta_json_is_refused_with_a_message_naming_the_field(tmp_path, field, value, message):
+    import json
+
+    from genderid.checkpoint import CheckpointError, load_checkpoint
+
+    directory = _saved(tmp_path)
+    meta = json.loads((directory / "meta.json").read_text())
+    meta[field] = value
+    (directory / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(str(directory))
+
+
+def test_files_are_read_by_their_fixed_names_with_a_size_limit(tmp_path, monkeypatch):
+    from genderid import checkpoint
+
+    directory = _saved(tmp_path)
+    monkeypatch.setattr(checkpoint, "MAX_WEIGHTS_BYTES", 1000)
+    with pytest.raises(checkpoint.CheckpointError, match=r"weights file is [\d,]+ bytes; the limit is 1,000"):
+        checkpoint.load_checkpoint(str(directory))
+
+
+def test_a_pinned_checkpoint_survives_best_json_being_rewritten_and_a_wrong_pin_is_refused(tmp_path):
+    import json
+
+    from genderid.checkpoint import CheckpointError, load_checkpoint, pin
+
+    first, second = _saved(tmp_path, "first", seed=1), _saved(tmp_path, "second", seed=2)
+    pointer = tmp_path / "best.json"
+    pointer.write_text(json.dumps({"checkpoint": str(first)}))
+    concrete, sha = pin(str(pointer))  # what the Serve app builder hands its replicas
+    pointer.write_text(json.dumps({"checkpoint": str(second)}))  # a retrain rewrites best.json
+    assert concrete == str(first) and load_checkpoint(concrete, expected_sha256=sha).version == sha[:12]
+    assert load_checkpoint(str(pointer)).version != sha[:12]
+    with pytest.raises(CheckpointError, match="pinned"):
+        pin(str(pointer), expected_sha256=sha)
+    with pytest.raises(CheckpointError, match="not the expected"):
+        load_checkpoint(str(second), expected_sha256=sha)

@@ -46,13 +46,15 @@ def test_bad_aws_config_is_rejected_by_the_same_validation():
 @pytest.mark.parametrize("path", KUBERAY, ids=[p.name for p in KUBERAY])
 def test_kuberay_manifests_parse(path):
     docs = list(yaml.safe_load_all(path.read_text()))
-    assert len(docs) == 1 and docs[0]["apiVersion"] == "ray.io/v1"
-    assert docs[0]["kind"] in ("RayCluster", "RayJob", "RayService") and docs[0]["metadata"]["name"]
+    api = {"RayCluster": "ray.io/v1", "RayJob": "ray.io/v1", "RayService": "ray.io/v1",
+           "NetworkPolicy": "networking.k8s.io/v1"}
+    assert len(docs) == 1 and docs[0]["metadata"]["name"]
+    assert api.get(docs[0]["kind"]) == docs[0]["apiVersion"]
 
 
 def test_kinds_and_entrypoints():
     kinds = {p.name: yaml.safe_load(p.read_text())["kind"] for p in KUBERAY}
-    assert sorted(kinds.values()) == ["RayCluster", "RayJob", "RayJob", "RayService"]
+    assert sorted(kinds.values()) == ["NetworkPolicy", "RayCluster", "RayJob", "RayJob", "RayService"]
     cluster = manifest("raycluster.yaml")
     assert any(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
                for g in cluster["spec"]["workerGroupSpecs"])
@@ -101,3 +103,48 @@ def test_the_shipped_sweep_runs_on_a_cluster_whose_gpu_workers_start_at_zero():
     gpus = int(group["maxReplicas"]) * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]
                                            ["nvidia.com/gpu"])
     assert 1 <= trials and trials * config.scaling.num_workers * config.scaling.gpus_per_worker <= gpus
+
+
+def _pod_templates(doc):
+    """Every pod template of a RayCluster or RayService manifest."""
+    spec = doc["spec"].get("rayClusterConfig", doc["spec"])
+    return [spec["headGroupSpec"]["template"], *(g["template"] for g in spec.get("workerGroupSpecs", []))]
+
+
+def test_safe_defaults_local_loopback_cluster_hardened():
+    assert yaml.safe_load((REPO / "serve_config.yaml").read_text())["http_options"]["host"] == "127.0.0.1"
+    served = yaml.safe_load(manifest("rayservice.yaml")["spec"]["serveConfigV2"])
+    assert served["http_options"]["host"] == "0.0.0.0"  # in the cluster, behind the NetworkPolicy
+    for name in ("raycluster.yaml", "rayservice.yaml"):
+        for template in _pod_templates(manifest(name)):
+            assert template["spec"]["securityContext"]["runAsNonRoot"] is True, name
+            for container in template["spec"]["containers"]:
+                assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
+    # Serving only reads checkpoints: its pods use another (read-only) service account than training's.
+    serving = {t["spec"]["serviceAccountName"] for t in _pod_templates(manifest("rayservice.yaml"))}
+    training = {t["spec"]["serviceAccountName"] for t in _pod_templates(manifest("raycluster.yaml"))}
+    assert serving == {"genderid-s3-readonly"} and serving.isdisjoint(training)
+    policy = manifest("networkpolicy.yaml")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert all(rule.get("from") for rule in policy["spec"]["ingress"])  # no rule open to everyone
+
+    aws = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    head = " ".join(aws["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    ssh = [p for p in aws["provider"]["security_group"]["IpPermissions"] if p["FromPort"] == 22]
+    assert ssh and all(r["CidrIp"] != "0.0.0.0/0" for p in ssh for r in p["IpRanges"])
+
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv/", "runs/", ".git/"} <= set(ignored)
+
+
+def test_the_grafana_dashboard_charts_every_application_metric():
+    import json
+
+    dashboard = json.loads((CLUSTER / "grafana" / "genderid.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    source = (REPO / "genderid" / "serve_metrics.py").read_text()
+    metrics = set(re.findall(r'(?:Counter|Histogram)\("(genderid_\w+)"', source))
+    assert len(metrics) == 7
+    for metric in metrics:  # as Ray exports them: a `ray_` prefix, counters with `_total`
+        assert f"ray_{metric}" in exprs, metric

@@ -71,7 +71,7 @@ def rgb16():
 @pytest.mark.parametrize("img,fmt", [
     (Image.new("L", (20, 30), 128), "PNG"), (Image.new("CMYK", (20, 30), (0, 255, 255, 0)), "JPEG"),
     (Image.new("RGB", (20, 30), "red").convert("P"), "PNG"), (Image.new("RGBA", (20, 30), (0, 0, 255, 100)), "PNG"),
-    (rgb16(), "PNG"), (Image.new("RGB", (20, 30), "green"), "WEBP"), (Image.new("RGB", (20, 30), "blue"), "GIF"),
+    (rgb16(), "PNG"), (Image.new("RGB", (20, 30), "green"), "WEBP"),
 ])
 def test_odd_but_valid_images_are_served(img, fmt):
     array = decode_upload(encode(img, fmt), PRE, LIMITS)
@@ -85,3 +85,36 @@ def test_exif_rotation_is_applied():
     exif[0x0112] = 6  # display rotated 90 degrees clockwise: the black half moves to the right
     array = decode_upload(encode(img, "JPEG", exif=exif.tobytes()), Preprocessing(image_size=(40, 80)), LIMITS)
     assert array[:, :, 40:].mean() < array[:, :, :40].mean()
+
+
+@pytest.mark.parametrize("img,fmt", [
+    (Image.new("RGB", (20, 30), "blue"), "GIF"), (Image.new("F", (20, 30), 0.5), "TIFF"),
+    (Image.new("RGB", (20, 30)), "BMP"), (Image.new("RGB", (20, 30)), "ICO"),
+])
+def test_only_jpeg_png_and_webp_reach_a_decoder_other_images_are_415(img, fmt, monkeypatch):
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(k.get("formats")) or real_open(*a, **k))
+    assert status_of(decode_upload, encode(img, fmt), PRE, LIMITS) == 415
+    assert opened == []  # refused from the magic bytes: PIL's decoders never saw them
+    decode_upload(encode(Image.new("RGB", (20, 30)), "PNG"), PRE, LIMITS)
+    assert opened == [("PNG",)]  # and an accepted image is opened by its own decoder only
+
+
+def test_the_default_pixel_limit_refuses_the_16_bit_6300x6300_png_from_its_header_at_once():
+    import time
+
+    from genderid.http_inputs import Limits as Defaults
+
+    data = encode(Image.new("I;16", (6300, 6300)), "PNG")
+    started = time.perf_counter()
+    assert status_of(decode_upload, data, PRE, Defaults()) == 413
+    assert time.perf_counter() - started < 0.5  # the header was enough: nothing was decoded
+
+
+def test_a_large_png_is_reduced_before_its_mode_is_converted():
+    from genderid.preprocess import open_image
+
+    img = open_image(encode(Image.new("I;16", (2000, 1600), 30000), "PNG"), draft_size=(32, 32))
+    assert img.mode == "RGB" and img.size == (2000 // 25, 1600 // 25)  # reduced by 25 before conversion
+    assert img.getpixel((0, 0)) == (117, 117, 117)  # 30000 >> 8: the 16-bit range kept, not clipped at 255

@@ -7,7 +7,7 @@ PURE_MODULES = ["genderid.config", "genderid.preprocess", "genderid.model", "gen
                 "genderid.checkpoint", "genderid.predictor", "genderid.batches", "genderid.celeba", "genderid.synth",
                 "genderid.shards", "genderid.storage", "genderid.local_train", "genderid.cli",
                 "genderid.http_inputs", "genderid.client", "genderid.runs", "genderid.search", "genderid.errors",
-                "genderid.train_hooks"]
+                "genderid.train_hooks", "genderid.batching", "genderid.loadgen"]
 
 SCRIPT = textwrap.dedent("""
     import importlib, importlib.abc, sys

@@ -79,3 +79,24 @@ def test_vgg16_weights_load_from_s3(s3_server, tmp_path):
     storage.write_bytes(uri, path.read_bytes())
     model = build_model(ModelConfig(weights=uri, width=0.25))
     assert torch.equal(model.features[0].weight, source.features[0].weight)
+
+
+def test_an_s3_checkpoint_is_read_by_fixed_names_only_and_nothing_lands_on_disk(s3_server, tmp_path):
+    import os
+    import tempfile
+
+    import boto3
+
+    model = GenderNet(width=0.0625, batch_norm=True).eval()
+    local = save_checkpoint(tmp_path / "ckpt", model, preprocessing=Preprocessing(image_size=(32, 32)))
+    bucket = s3_server["bucket"]
+    uri = f"s3://{bucket}/checkpoints/hostile"
+    storage.upload_dir(local, uri)
+    client = boto3.client("s3")  # objects a listing would hand out: one with `..` in its key, one very large
+    client.put_object(Bucket=bucket, Key="checkpoints/hostile/sub/../../../escaped.txt", Body=b"x")
+    client.put_object(Bucket=bucket, Key="checkpoints/hostile/huge.bin", Body=b"0" * 3_000_000)
+    before = set(os.listdir(tempfile.gettempdir()))
+    loaded = load_checkpoint(uri)
+    assert loaded.version == load_checkpoint(str(local)).version
+    assert set(os.listdir(tempfile.gettempdir())) == before  # no temporary copy, nothing left behind
+    assert not list(tmp_path.parent.rglob("escaped.txt"))
