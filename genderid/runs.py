@@ -35,6 +35,7 @@ TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 CHECKPOINT_PREFIX = "checkpoint_"
 KINDS = ("train", "sweep")
+MAX_BEST_BYTES = 1_000_000  # a pointer is a few kB; it is untrusted input all the same
 
 
 def storage_root(path: str) -> str:
@@ -55,14 +56,6 @@ def run_dir_of(config) -> str:
 def path(run: str, *parts: str) -> str:
     """A file or folder inside a run folder (``path(run, BEST_FILE)``)."""
     return storage.join(run, *parts)
-
-
-def location(ray_path: str, storage_path: str) -> str:
-    """A path as Ray reports it (S3 paths without their scheme) as a user-facing location."""
-    ray_path = str(ray_path)
-    if storage.is_remote(storage_path) and not storage.is_remote(ray_path):
-        return "s3://" + ray_path.lstrip("/")
-    return ray_path
 
 
 def kept_checkpoints(run: str) -> list[tuple[str, dict]]:
@@ -127,15 +120,19 @@ def write_best(run: str, kind: str, checkpoint: str, params: Optional[dict] = No
 
 
 def read_best(uri: str) -> dict:
-    """A ``best.json``, checked against the schema above (it is untrusted input)."""
-    if not storage.exists(uri):
-        raise CheckpointError(f"{uri}: not found")
+    """A ``best.json``, checked against the schema above (it is untrusted input); every reader of one uses this."""
+    try:
+        size = storage.size(uri)
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri}: pointer file not found") from None
+    if size > MAX_BEST_BYTES:
+        raise CheckpointError(f"{uri}: pointer file is {size:,} bytes; the limit is {MAX_BEST_BYTES:,}")
     try:
         best = json.loads(storage.read_bytes(uri))
     except ValueError as exc:
         raise CheckpointError(f"{uri}: not valid JSON ({exc})") from None
-    if not isinstance(best, dict) or not isinstance(best.get("checkpoint"), str):
-        raise CheckpointError(f"{uri}: not a best.json pointer (needs a 'checkpoint' string)")
+    if not isinstance(best, dict) or not isinstance(best.get("checkpoint"), str) or not best["checkpoint"]:
+        raise CheckpointError(f"{uri}: not a best.json pointer (needs a 'checkpoint' key naming a checkpoint)")
     for key in ("metrics", "config", "params"):
         if not isinstance(best.get(key, {}), dict):
             raise CheckpointError(f"{uri}: '{key}' must be an object")

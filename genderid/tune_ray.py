@@ -17,6 +17,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from genderid import runs, search, storage
+from genderid.checkpoint import CheckpointError
 from genderid.config import Config, ConfigError, config_from_dict
 from genderid.report import plot_sweep
 from genderid.train_hooks import TrainHooks
@@ -108,7 +109,7 @@ def summarise(grid, config: Config, sweep_dir: str) -> list[dict]:
         trial_run = runs.path(sweep_dir, runs.TRIALS_DIR, trial_id)
         try:
             checkpoint, meta = runs.best_kept_checkpoint(trial_run, metric, mode)
-        except runs.CheckpointError:
+        except CheckpointError:
             rows.append({**row, "epochs_run": int(frame["epoch"].max()), "ended": "no checkpoint"})
             continue
         best = meta["metrics"]

@@ -46,14 +46,23 @@ def test_celeba_vgg16_runs_the_studys_global_batch():
     assert config.train.batch_size * config.scaling.num_workers == STUDY_GLOBAL_BATCH
 
 
-def test_the_documented_prepare_command_makes_the_studys_split():
+def test_the_documented_prepare_command_makes_the_studys_split(synthetic_celeba):
+    import numpy as np
+
+    from genderid.celeba import SPLITS, read_celeba
+    from genderid.prepare import split_for
+
     text = named_config_path("celeba-vgg16").read_text()
     command = re.search(r"#\s+(genderid prepare .*)", text).group(1)
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert {k: getattr(args, k) for k in STUDY_SPLIT} == STUDY_SPLIT
-    from genderid.prepare import split_for  # the recipe's val fraction lives there
-    import inspect
-    assert "val_fraction=0.2" in inspect.getsource(split_for)
+    # The recipe it names, run small: per class 80/20 train/val, and a balanced test set.
+    index = read_celeba(str(synthetic_celeba))
+    split, description = split_for(index, args.split, per_class=50, test_per_class=10, seed=args.seed)
+    for label in (0, 1):
+        of_class = split[index.male == label]
+        assert [int(np.sum(of_class == SPLITS[s])) for s in ("train", "val", "test")] == [40, 10, 10]
+    assert description["val_fraction"] == 0.2
 
 
 def test_the_scaled_out_recipe_changes_only_workers_learning_rate_and_name():

@@ -50,9 +50,7 @@ def test_best_json_is_written_only_for_a_checkpoint_that_exists_and_describes_it
         runs.read_best(str(run / "bad.json"))
 
 
-def test_locations_and_layout():
-    assert runs.location("bucket/runs/x/checkpoint_1", "s3://bucket/runs") == "s3://bucket/runs/x/checkpoint_1"
-    assert runs.location("/abs/runs/x", "runs") == "/abs/runs/x"
+def test_layout():
     assert runs.run_dir("s3://b/p", "n") == "s3://b/p/n"
 
 
