@@ -131,8 +131,8 @@ def resolve_location(location: str) -> str:
     return location
 
 
-def _read_limited(uri: str, limit: int, what: str) -> bytes:
-    """The whole file at ``uri``, refusing one larger than ``limit`` bytes before reading it."""
+def read_limited(uri: str, limit: int, what: str) -> bytes:
+    """The whole file at ``uri``, refusing one larger than ``limit`` bytes before reading it (CheckpointError)."""
     try:
         size = storage.size(uri)
     except FileNotFoundError:
@@ -143,7 +143,7 @@ def _read_limited(uri: str, limit: int, what: str) -> bytes:
 
 
 def _verified(uri: str, expected: Optional[str], what: str, limit: int) -> bytes:
-    data = _read_limited(uri, limit, what)
+    data = read_limited(uri, limit, what)
     if expected is None or _sha256(data) != expected:
         raise CheckpointError(f"{uri}: {what} do not match the SHA-256 recorded in {META_FILE}; refusing to load")
     return data
@@ -178,7 +178,7 @@ def read_meta(location: str) -> dict:
     if not storage.exists(uri):
         raise CheckpointError(f"{location}: not a checkpoint ({META_FILE} not found)")
     try:
-        meta = json.loads(_read_limited(uri, MAX_META_BYTES, "meta"))
+        meta = json.loads(read_limited(uri, MAX_META_BYTES, "meta"))
     except ValueError as exc:
         raise CheckpointError(f"{uri}: not valid JSON ({exc})") from None
     return validate_meta(meta, uri)

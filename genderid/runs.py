@@ -24,7 +24,7 @@ import os
 from typing import Any, Optional
 
 from genderid import storage
-from genderid.checkpoint import CheckpointError, read_meta
+from genderid.checkpoint import CheckpointError, read_limited, read_meta
 
 BEST_FILE = "best.json"
 HISTORY_FILE = "history.json"
@@ -121,14 +121,9 @@ def write_best(run: str, kind: str, checkpoint: str, params: Optional[dict] = No
 
 def read_best(uri: str) -> dict:
     """A ``best.json``, checked against the schema above (it is untrusted input); every reader of one uses this."""
+    data = read_limited(uri, MAX_BEST_BYTES, "pointer")  # its CheckpointError (missing, too large) stands as is
     try:
-        size = storage.size(uri)
-    except FileNotFoundError:
-        raise CheckpointError(f"{uri}: pointer file not found") from None
-    if size > MAX_BEST_BYTES:
-        raise CheckpointError(f"{uri}: pointer file is {size:,} bytes; the limit is {MAX_BEST_BYTES:,}")
-    try:
-        best = json.loads(storage.read_bytes(uri))
+        best = json.loads(data)
     except ValueError as exc:
         raise CheckpointError(f"{uri}: not valid JSON ({exc})") from None
     if not isinstance(best, dict) or not isinstance(best.get("checkpoint"), str) or not best["checkpoint"]:
