@@ -51,6 +51,36 @@ def predictor_images_per_s(predictor, image: bytes, batch: int, seconds: float) 
     return images / (time.perf_counter() - started)
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` to ``cpus`` (threads it starts later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except (ProcessLookupError, PermissionError, OSError):
+            pass
+
+
+def ray_pids() -> list[int]:
+    """This machine's Ray processes (raylet, GCS, proxy, workers) and this one."""
+    pids = [os.getpid()]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ray" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def replica_pid() -> int:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    return next(a.pid for a in actors if a.class_name.startswith("ServeReplica:"))
+
+
 def drive(url: str, image: bytes, concurrency: int, seconds: float) -> dict:
     from genderid.loadgen import drive as run
 
@@ -78,6 +108,9 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.25, help="VGG16 width multiplier (cpu.yaml: 0.25)")
     parser.add_argument("--size", default="108x88", help="model input HEIGHTxWIDTH (cpu.yaml: 108x88)")
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="give the raw predictor and the one replica the same dedicated core (the last), and "
+                             "everything else (proxy, Ray, load generator) the others")
     args = parser.parse_args()
     height, width = (int(v) for v in args.size.split("x"))
 
@@ -99,12 +132,18 @@ def main() -> None:
     Image.fromarray(rng.integers(0, 255, (218, 178, 3), dtype=np.uint8)).save(buffer, format="JPEG", quality=90)
     image = buffer.getvalue()  # a CelebA-sized JPEG
 
+    all_cpus = os.sched_getaffinity(0)
+    model_cpu, other_cpus = {max(all_cpus)}, (all_cpus - {max(all_cpus)}) or all_cpus
+    if args.pin:
+        pin(os.getpid(), model_cpu)
     predictor = Predictor.from_checkpoint(str(checkpoint))
     gflop = flops_per_image(predictor.model, (height, width)) / 1e9
     peak = matmul_peak_gflops(1)
     torch.set_num_threads(1)
     raw = {b: predictor_images_per_s(predictor, image, b, args.seconds / 2) for b in (1, 16)}
     decode_ms = 1000 * min(_timed(lambda: predictor.preprocess([image])) for _ in range(50))
+    if args.pin:
+        pin(os.getpid(), other_cpus)
 
     metrics_port = 8080 + os.getpid() % 1000
     # log_to_driver=False: the replica's access log would otherwise be printed here, on the same 2 cores.
@@ -122,6 +161,10 @@ def main() -> None:
     config["applications"][0]["deployments"][0]["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     deploy(config)
     wait_until_running()
+    if args.pin:
+        for pid in ray_pids():
+            pin(pid, other_cpus)
+        pin(replica_pid(), model_cpu)
     assert requests.post(url + "/predict", data=image, headers={"Content-Type": "image/jpeg"}).ok
     time.sleep(12)  # let the warm-up request reach the metrics endpoint before the baseline is read
     before = stage_means(metrics_url)
@@ -131,7 +174,9 @@ def main() -> None:
     stages = {k: 1000 * (after[k][0] - before[k][0]) / max(after[k][1] - before[k][1], 1) for k in after}
     measure("one replica", 16)
 
-    # Part 3: the shipped config, as it is.
+    # Part 3: the shipped config, as it is, with no pinning.
+    for pid in ray_pids():
+        pin(pid, all_cpus)
     deploy(set_checkpoint(load_serve_config(port=port), str(checkpoint)))
     wait_until_running()
     for concurrency in (8, 32, 64, 512):

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from genderid import storage
+from genderid.calibration import Calibration
 from genderid.config import ConfigError, ModelConfig, model_config_from_dict
 from genderid.errors import UserError
 from genderid.model import LABELS, GenderNet
@@ -68,7 +69,8 @@ def model_config_of(meta: dict, where: str) -> ModelConfig:
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module, *, preprocessing: Preprocessing,
                     config: Optional[dict] = None, metrics: Optional[dict] = None, epoch: Optional[int] = None,
-                    train_state: Optional[dict] = None, history: Optional[list] = None) -> Path:
+                    train_state: Optional[dict] = None, history: Optional[list] = None,
+                    calibration: Optional[Calibration] = None) -> Path:
     """Write a checkpoint into a local ``directory`` (created if needed); returns it.
 
     ``model`` may be wrapped (DDP): its ``module`` is saved. ``meta.json`` is written last, so a directory
@@ -84,7 +86,8 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, *, preprocess
         "weights_file": WEIGHTS_FILE, "weights_sha256": _sha256(weights),
         "model": model_description(model), "preprocessing": preprocessing.to_dict(),
         "labels": list(LABELS), "config": config or {}, "metrics": metrics or {}, "epoch": epoch,
-        "history": history or [], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "history": history or [], "calibration": (calibration or Calibration.identity()).to_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if train_state is not None:
         state = _serialise(train_state)
@@ -108,6 +111,11 @@ class LoadedCheckpoint:
     def version(self) -> str:
         """Short, content-derived model version (the weights' SHA-256 prefix)."""
         return self.meta["weights_sha256"][:12]
+
+    @property
+    def calibration(self) -> Calibration:
+        """Temperature and uncertain band (identity for checkpoints written before calibration existed)."""
+        return Calibration.from_dict(self.meta.get("calibration"))
 
     @property
     def labels(self) -> list[str]:
@@ -167,6 +175,10 @@ def validate_meta(meta: Any, where: str) -> dict:
         Preprocessing.from_dict(meta.get("preprocessing")).validate()
     except (TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{where}: invalid preprocessing: {exc}") from None
+    try:
+        Calibration.from_dict(meta.get("calibration"))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: invalid calibration: {exc}") from None
     model_config_of(meta, where)
     return meta
 

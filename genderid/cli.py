@@ -27,10 +27,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from genderid.prepare import prepare
 
     manifest = prepare(args.celeba, args.out, recipe=args.split, per_class=args.per_class,
-                       test_per_class=args.test_per_class, seed=args.seed, rows_per_shard=args.rows_per_shard)
+                       test_per_class=args.test_per_class, seed=args.seed, rows_per_shard=args.rows_per_shard,
+                       align=args.align)
     counts = ", ".join(f"{name} {c['total']} ({c['male']} male)" for name, c in manifest["counts"].items())
+    no_face = f"; no face found in {manifest['aligned']['no_face']['count']}" if args.align else ""
     print(f"prepared {manifest['rows']} rows in {len(manifest['files'])} shard(s) at {args.out}: {counts}; "
-          f"skipped {manifest['skipped']['count']} unreadable image(s)")
+          f"skipped {manifest['skipped']['count']} unreadable image(s){no_face}")
     return 0
 
 
@@ -71,15 +73,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from genderid.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, args.data, args.out, split=args.split)
+    calibration = report["calibration"]
     print(f"{report['split']} split: accuracy {report['accuracy']:.4f}, balanced accuracy "
           f"{report['balanced_accuracy']:.4f}, AUC {report['auc']:.4f} on {report['count']} images; "
-          f"report: {args.out}")
+          f"ECE {calibration['ece_before']:.4f} before / {calibration['ece_after']:.4f} after calibration "
+          f"(T = {calibration['temperature']:.3f}), {calibration['uncertain_share']:.1%} uncertain; "
+          f"report and MODEL_CARD.md: {args.out}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.annotate and not args.faces:
+        from genderid.errors import UserError
+
+        raise UserError("--annotate draws the faces that --faces finds; add --faces")
+    if args.faces:
+        return _predict_faces(args)
     if args.url:
         from genderid.client import predict_url
 
@@ -92,6 +103,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     images = [Path(p).read_bytes() for p in args.images]
     for path, prediction in zip(args.images, predictor.predict(images)):
         print(json.dumps({"image": path, **prediction.to_dict(predictor.model_version)}))
+    return 0
+
+
+def _predict_faces(args: argparse.Namespace) -> int:
+    """Every face of each photo, through the endpoint (--url) or locally (--checkpoint); --annotate draws them."""
+    from pathlib import Path
+
+    if args.url:
+        from genderid.client import predict_url
+
+        answer = lambda path: predict_url(args.url, path, route="faces")  # noqa: E731
+    else:
+        from genderid.predictor import Predictor
+
+        predictor = Predictor.from_checkpoint(args.checkpoint)
+        answer = lambda path: predictor.predict_faces(Path(path).read_bytes())  # noqa: E731
+    for path in args.images:
+        result = answer(path)
+        print(json.dumps({"image": path, **result}))
+        if args.annotate:
+            from genderid.annotate import annotate_file
+
+            out = annotate_file(path, result["faces"], args.annotate, several=len(args.images) > 1)
+            print(f"annotated: {out}", file=sys.stderr)
     return 0
 
 
@@ -136,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--test-per-class", type=int, default=500, help="balanced: test images per class")
     prepare.add_argument("--seed", type=int, default=0, help="balanced: seed of the train/val shuffle")
     prepare.add_argument("--rows-per-shard", type=int, default=2000)
+    prepare.add_argument("--align", action="store_true",
+                         help="detect and align each image's largest face to CelebA's crop (for tight crops or "
+                              "photos); images without a face are counted in the manifest and left out")
     prepare.set_defaults(handler=cmd_prepare)
 
     train = commands.add_parser("train", help="Ray Train run; writes best.json and a test report")
@@ -162,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint directory, s3:// URI or best.json (local, no Serve)")
     source.add_argument("--url", help="the Serve endpoint, e.g. http://127.0.0.1:8000")
+    predict.add_argument("--faces", action="store_true",
+                         help="IMAGEs are photos: find every face (box, label, p_male, uncertain), as POST /faces")
+    predict.add_argument("--annotate", metavar="OUT.jpg",
+                         help="with --faces: write the photo with its faces drawn (several photos: OUT-<name>.jpg)")
     predict.set_defaults(handler=cmd_predict)
     return parser
 

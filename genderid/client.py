@@ -14,11 +14,11 @@ class EndpointError(UserError, RuntimeError):
     """The endpoint answered with an error, or could not be reached."""
 
 
-def predict_url(url: str, image: str | Path, timeout: float = 60.0) -> dict:
-    """POST one image file as a raw body to ``<url>/predict``; returns the JSON answer."""
+def predict_url(url: str, image: str | Path, timeout: float = 60.0, route: str = "predict") -> dict:
+    """POST one image file as a raw body to ``<url>/<route>`` (``predict`` or ``faces``); returns the JSON answer."""
     path = Path(image)
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    request = urllib.request.Request(f"{url.rstrip('/')}/predict", data=path.read_bytes(), method="POST",
+    request = urllib.request.Request(f"{url.rstrip('/')}/{route}", data=path.read_bytes(), method="POST",
                                      headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

@@ -83,6 +83,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # top-k by checkpoint_metric
     max_failures: int = 1  # worker failures tolerated before the run fails
     seed: int = 0
+    # Each checkpoint's temperature and "uncertain" band are fitted on its val pass; the band is chosen so that
+    # the predictions outside it reach this accuracy on val.
+    calibration_target_accuracy: float = 0.99
 
     def validate(self) -> None:
         for key in ("epochs", "batch_size"):
@@ -96,6 +99,9 @@ class TrainConfig:
             raise ConfigError(f"train.early_stopping_patience: must be >= 0, got {self.early_stopping_patience}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
+        if not 0.5 < self.calibration_target_accuracy <= 1.0:
+            raise ConfigError(f"train.calibration_target_accuracy: must be in (0.5, 1], "
+                              f"got {self.calibration_target_accuracy}")
         if self.max_failures < -1:
             raise ConfigError(f"train.max_failures: must be >= -1 (-1 = unlimited), got {self.max_failures}")
 

@@ -120,7 +120,9 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
     report_dir = workdir_path / "report"
     report = evaluate_checkpoint(best["checkpoint"], data, str(report_dir), split)
     print(f"[demo] {split} accuracy {report['accuracy']:.3f}, balanced accuracy {report['balanced_accuracy']:.3f}, "
-          f"AUC {report['auc']:.3f} on {report['count']} images")
+          f"AUC {report['auc']:.3f} on {report['count']} images; ECE {report['calibration']['ece_before']:.3f} -> "
+          f"{report['calibration']['ece_after']:.3f} calibrated, {report['calibration']['uncertain_share']:.1%} "
+          f"uncertain; model card: {report_dir / 'MODEL_CARD.md'}")
 
     _step(6, "serve the best checkpoint from serve_config.yaml")
     best_pointer = runs.path(runs.run_dir(str(workdir_path), TRAIN_RUN), runs.BEST_FILE)
@@ -134,7 +136,8 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
     for path, truth in _sample_images(data, workdir_path / "samples"):
         answer = predict_url(url, path)
         predictions.append({"image": str(path), "true": truth, **answer})
-        print(f"[demo] {path.name}: {answer['label']} (p_male {answer['p_male']:.3f}; true: {truth})")
+        print(f"[demo] {path.name}: {answer['label']} (p_male {answer['p_male']:.3f}"
+              f"{', uncertain' if answer['uncertain'] else ''}; true: {truth})")
 
     summary = {
         "best_config": {**sweep_best["params"], "batch_size": train_config.train.batch_size},
@@ -142,14 +145,16 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
         "endpoint": url, "predictions": predictions,
         "outputs": {"data": data, "sweep": sweep_dir, "sweep_results": runs.path(sweep_dir, runs.RESULTS_FILE),
                     "train_run": runs.run_dir(str(workdir_path), TRAIN_RUN), "best_checkpoint": best["checkpoint"],
-                    "best_json": best_pointer, "report": str(report_dir)},
+                    "best_json": best_pointer, "report": str(report_dir),
+                    "model_card": str(report_dir / "MODEL_CARD.md")},
         "seconds": round(time.perf_counter() - started, 1),
     }
     (workdir_path / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n[demo] summary\n" + json.dumps(summary, indent=2))
     print(f"[demo] done in {summary['seconds']} s; summary: {workdir_path / 'summary.json'}")
     if keep_serving:
-        print(f"[demo] serving at {url} (POST /predict, GET /healthz, GET /metadata); Ctrl-C stops it", flush=True)
+        print(f"[demo] serving at {url} (POST /predict, POST /faces, GET /healthz, GET /metadata); Ctrl-C stops it",
+              flush=True)
         try:
             while True:
                 time.sleep(3600)

@@ -120,14 +120,17 @@ class Predictions:
     p_male: np.ndarray
     loss_sum: float
     attributes: Optional[np.ndarray] = None
+    margins: Optional[np.ndarray] = None  # logit_male - logit_female: what calibration is fitted on
 
     @classmethod
     def merge(cls, parts: Sequence["Predictions"]) -> "Predictions":
         attributes = [p.attributes for p in parts]
+        margins = [p.margins for p in parts]
         return cls(
             y_true=np.concatenate([p.y_true for p in parts]), p_male=np.concatenate([p.p_male for p in parts]),
             loss_sum=float(sum(p.loss_sum for p in parts)),
             attributes=None if any(a is None for a in attributes) else np.concatenate(attributes),
+            margins=None if any(m is None for m in margins) else np.concatenate(margins),
         )
 
     def metrics(self, attribute_names: Sequence[str] = ()) -> dict:
@@ -141,7 +144,7 @@ def predict(model: nn.Module, batches: Iterable[Batch], options: StepOptions = S
     """Run the model in eval mode over every batch."""
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    y_true, p_male, attributes, loss_sum = [], [], [], 0.0
+    y_true, p_male, margins, attributes, loss_sum = [], [], [], [], 0.0
     for batch in batches:
         labels = batch["male"].to(options.device).long()
         with options.autocast():
@@ -149,6 +152,7 @@ def predict(model: nn.Module, batches: Iterable[Batch], options: StepOptions = S
         loss_sum += float(loss_fn(logits, labels))
         y_true.append(labels.cpu().numpy())
         p_male.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
+        margins.append((logits[:, 1] - logits[:, 0]).cpu().numpy())
         if "attributes" in batch:
             attributes.append(np.asarray(batch["attributes"].cpu().numpy(), dtype=np.int8))
     empty = np.zeros(0, dtype=np.int64)
@@ -157,6 +161,7 @@ def predict(model: nn.Module, batches: Iterable[Batch], options: StepOptions = S
         p_male=np.concatenate(p_male) if p_male else empty.astype(np.float64),
         loss_sum=loss_sum,
         attributes=np.concatenate(attributes) if attributes else None,
+        margins=np.concatenate(margins) if margins else empty.astype(np.float64),
     )
 
 

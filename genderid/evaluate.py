@@ -7,10 +7,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from genderid import shards, storage
+from genderid.calibration import Calibration, expected_calibration_error, reliability, sigmoid
 from genderid.celeba import ATTRIBUTES
 from genderid.checkpoint import load_checkpoint
-from genderid.engine import predict
+from genderid.engine import Predictions, predict
 from genderid.report import write_report
 
 
@@ -19,12 +22,41 @@ def default_split(source: str) -> str:
     return "test" if shards.read_manifest(source)["counts"]["test"]["total"] else "val"
 
 
+def calibration_report(calibration: Calibration, predictions: Predictions) -> dict:
+    """ECE before and after the checkpoint's temperature on this split, its reliability bins, and the uncertain band's
+    share and the accuracy of the predictions outside it."""
+    before, after = sigmoid(predictions.margins), calibration.p_male(predictions.margins)
+    uncertain = calibration.uncertain(after)
+    confident = ~uncertain
+    correct = (after >= 0.5).astype(np.int64) == predictions.y_true
+    return {
+        **calibration.to_dict(), "uncertain_band": calibration.band(),
+        "fitted": {k: getattr(calibration, k) for k in ("count", "ece_before", "ece_after", "uncertain_share")},
+        "ece_before": expected_calibration_error(before, predictions.y_true),
+        "ece_after": expected_calibration_error(after, predictions.y_true),
+        "uncertain_share": float(uncertain.mean()) if len(uncertain) else None,
+        "accuracy_confident": float(correct[confident].mean()) if confident.any() else None,
+        "reliability_before": reliability(before, predictions.y_true),
+        "reliability_after": reliability(after, predictions.y_true),
+    }
+
+
+def model_summary(loaded) -> dict:
+    """What the model card says about the model, from its checkpoint."""
+    config = loaded.meta.get("config") or {}
+    return {"architecture": loaded.meta.get("model"), "input_size": list(loaded.preprocessing.image_size),
+            "epoch": loaded.meta.get("epoch"), "created": loaded.meta.get("created"),
+            "val_metrics": {k: v for k, v in (loaded.meta.get("metrics") or {}).items() if k.startswith("val_")},
+            "train": config.get("train"), "faces": loaded.preprocessing.faces.to_dict()}
+
+
 def evaluate_checkpoint(checkpoint: str, source: str, out: str, split: str = "test") -> dict:
     """Evaluate ``checkpoint`` on ``split`` of ``source``; write the report to ``out`` (path or s3://)."""
     from genderid.ray_data import load_split, torch_collate
     from genderid.ray_runtime import init_ray
 
-    counts = shards.read_manifest(source)["counts"]
+    manifest = shards.read_manifest(source)
+    counts = manifest["counts"]
     if not counts[split]["total"]:
         raise shards.DatasetError(f"{source}: the {split} split has no rows; choose another with --split")
     loaded = load_checkpoint(checkpoint)
@@ -33,7 +65,9 @@ def evaluate_checkpoint(checkpoint: str, source: str, out: str, split: str = "te
     predictions = predict(loaded.model, dataset.iter_torch_batches(batch_size=64, collate_fn=torch_collate()))
     metrics = predictions.metrics(ATTRIBUTES)
     report = {"checkpoint": loaded.source, "model_version": loaded.version, "data": source, "split": split,
-              **metrics}
+              **metrics, "calibration": calibration_report(loaded.calibration, predictions),
+              "model": model_summary(loaded), "dataset": {"counts": counts, "split_recipe": manifest.get("split"),
+                                                          "aligned": manifest.get("aligned")}}
     with tempfile.TemporaryDirectory() as directory:
         write_report(Path(directory), report, loaded.labels, loaded.meta.get("history"))
         storage.upload_dir(directory, out)

@@ -10,7 +10,9 @@ from typing import Optional
 
 import numpy as np
 
-from genderid.preprocess import ImageDecodeError, ImageTooLargeError, Preprocessing
+from PIL import Image
+
+from genderid.preprocess import ImageDecodeError, ImageTooLargeError, Preprocessing, open_image
 
 # Media types accepted for a raw body or a multipart part; anything else is 415.
 GENERIC_BINARY = "application/octet-stream"
@@ -110,8 +112,8 @@ def _other_image_format(data: bytes) -> Optional[str]:
     return None
 
 
-def decode_upload(data: bytes, preprocessing: Preprocessing, limits: Limits, what: str = "image") -> np.ndarray:
-    """One uploaded image -> the model's CHW float32 input, or a :class:`RequestError` (400 / 413 / 415)."""
+def accepted_format(data: bytes, what: str = "image") -> str:
+    """``JPEG``, ``PNG`` or ``WEBP`` from the magic bytes, or a :class:`RequestError` (400 / 415)."""
     if not data:
         raise RequestError(400, f"{what}: empty body")
     kind = sniff_format(data)
@@ -120,6 +122,23 @@ def decode_upload(data: bytes, preprocessing: Preprocessing, limits: Limits, wha
         if other:
             raise RequestError(415, f"{what}: {other} images are not accepted; send JPEG, PNG or WebP")
         raise RequestError(400, f"{what}: not a JPEG, PNG or WebP image")
+    return kind
+
+
+def decode_photo(data: bytes, limits: Limits, what: str = "photo") -> Image.Image:
+    """A whole uploaded photo (RGB, EXIF orientation applied, full size within ``max_pixels``) for face detection."""
+    kind = accepted_format(data, what)
+    try:
+        return open_image(data, max_pixels=limits.max_pixels, formats=(kind,))
+    except ImageTooLargeError as exc:
+        raise RequestError(413, f"{what}: {exc}") from None
+    except ImageDecodeError as exc:
+        raise RequestError(400, f"{what}: {exc}") from None
+
+
+def decode_upload(data: bytes, preprocessing: Preprocessing, limits: Limits, what: str = "image") -> np.ndarray:
+    """One uploaded image -> the model's CHW float32 input, or a :class:`RequestError` (400 / 413 / 415)."""
+    kind = accepted_format(data, what)
     try:
         return preprocessing(data, max_pixels=limits.max_pixels, formats=(kind,))
     except ImageTooLargeError as exc:

@@ -1,23 +1,29 @@
 """Label and ``p_male`` for images, from a checkpoint. Pure PyTorch; Serve and the CLI wrap it."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from genderid.checkpoint import LoadedCheckpoint, load_checkpoint
-from genderid.preprocess import ImageInput
+from genderid.faces import Face, FaceFrontEnd
+from genderid.preprocess import ImageInput, open_image
 
 
 @dataclass(frozen=True)
 class Prediction:
+    """One face's label, calibrated ``p_male`` and whether it falls in the checkpoint's uncertain band."""
+
     label: str
     p_male: float
+    uncertain: bool = False
 
     def to_dict(self, model_version: Optional[str] = None) -> dict:
-        out = {"label": self.label, "p_male": round(self.p_male, 6)}
+        out = {"label": self.label, "p_male": round(self.p_male, 6), "uncertain": self.uncertain}
         if model_version is not None:
             out["model_version"] = model_version
         return out
@@ -33,6 +39,7 @@ class Predictor:
         self.model = checkpoint.model.to(self.device).eval()
         self.preprocessing = checkpoint.preprocessing
         self.labels = checkpoint.labels
+        self.calibration = checkpoint.calibration
 
     @classmethod
     def from_checkpoint(cls, location: str, device: str | torch.device = "cpu", batch_size: int = 16,
@@ -55,10 +62,37 @@ class Predictor:
         results: list[Prediction] = []
         for start in range(0, len(arrays), self.batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(arrays[start:start + self.batch_size])).to(self.device)
-            p_male = torch.softmax(self.model(batch).float(), dim=1)[:, 1].cpu().numpy()
-            results.extend(Prediction(self.labels[int(p >= 0.5)], float(p)) for p in p_male)
+            logits = self.model(batch).float()
+            p_male = self.calibration.p_male((logits[:, 1] - logits[:, 0]).cpu().numpy())
+            uncertain = self.calibration.uncertain(p_male)
+            results.extend(Prediction(self.labels[int(p >= 0.5)], float(p), bool(u)) for p, u in zip(p_male, uncertain))
         return results
 
     def predict(self, images: Sequence[ImageInput]) -> list[Prediction]:
         """Predictions for images given as bytes or PIL images, in order."""
         return self.predict_arrays(self.preprocess(images))
+
+    @functools.cached_property
+    def front_end(self) -> FaceFrontEnd:
+        """The face detector and aligner of this checkpoint's preprocessing (loaded on first use)."""
+        return self.preprocessing.face_front_end()
+
+    def face_inputs(self, photo: Image.Image, max_faces: Optional[int] = None) -> tuple[list[Face], np.ndarray]:
+        """The faces of an RGB photo, largest first, and their aligned crops as model input (NCHW)."""
+        faces = self.front_end.faces(photo, max_faces)
+        return faces, self.preprocessing.batch([face.crop for face in faces])
+
+    def predict_faces(self, photo: ImageInput, max_faces: Optional[int] = None) -> dict:
+        """Every face in a photo (bytes or PIL image) with its box and prediction: the ``POST /faces`` answer."""
+        photo = open_image(photo)
+        faces, arrays = self.face_inputs(photo, max_faces)
+        predictions = [p.to_dict(self.model_version) for p in self.predict_arrays(arrays)]
+        return faces_answer(faces, predictions, photo.size)
+
+
+def faces_answer(faces: Sequence[Face], predictions: Sequence[dict], image_size: tuple[int, int]) -> dict:
+    """``{"faces": [{"box", "detection_score", "label", "p_male", "uncertain", "model_version"}, ...],
+    "image_size": [w, h]}`` from faces and their predictions (``Prediction.to_dict``), in the faces' order."""
+    return {"faces": [{"box": [round(v, 1) for v in face.box], "detection_score": round(face.score, 4), **prediction}
+                      for face, prediction in zip(faces, predictions)],
+            "image_size": list(image_size)}

@@ -5,6 +5,7 @@ import json
 from typing import Callable
 
 from genderid import celeba, shards
+from genderid.faces import FaceSettings
 
 
 def run_on_ray_data(fn: Callable[[dict], dict], specs: list[dict], num_cpus: float = 0.5) -> list[dict]:
@@ -32,8 +33,12 @@ def split_for(index: celeba.CelebaIndex, recipe: str, per_class: int, test_per_c
 
 
 def prepare(source: str, destination: str, recipe: str = "official", per_class: int = 20000,
-            test_per_class: int = 500, seed: int = 0, rows_per_shard: int = 2000, num_cpus: float = 0.5) -> dict:
-    """Read and check the CelebA folder, write and publish the shards; returns the manifest."""
+            test_per_class: int = 500, seed: int = 0, rows_per_shard: int = 2000, num_cpus: float = 0.5,
+            align: bool = False) -> dict:
+    """Read and check the CelebA folder, write and publish the shards; returns the manifest.
+
+    ``align``: run the face front end (default :class:`genderid.faces.FaceSettings`) on every image and store its
+    largest face aligned to CelebA's frame, for data whose crops are not CelebA's aligned ones."""
     from genderid.ray_runtime import init_ray
 
     index = celeba.read_celeba(source)
@@ -41,4 +46,5 @@ def prepare(source: str, destination: str, recipe: str = "official", per_class: 
     init_ray()
     return shards.prepare_dataset(index, split, destination, description,
                                   run_tasks=lambda fn, specs: run_on_ray_data(fn, specs, num_cpus),
-                                  rows_per_shard=rows_per_shard)
+                                  rows_per_shard=rows_per_shard,
+                                  align=FaceSettings().to_dict() if align else None)

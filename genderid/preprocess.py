@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from genderid.errors import UserError
+from genderid.faces import FaceFrontEnd, FaceSettings, frame_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,6 +118,7 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
     flip_prob: float = 0.5  # train augmentation
     crop_scale: tuple[float, float] = (0.85, 1.0)  # train augmentation: area fraction of the random resized crop
+    faces: FaceSettings = FaceSettings()  # how photos become aligned crops (POST /faces, prepare --align)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -125,7 +127,13 @@ class Preprocessing:
     def from_dict(cls, values: dict) -> "Preprocessing":
         if not isinstance(values, dict):
             raise ValueError(f"preprocessing must be a mapping, got {values!r}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k != "faces"}
+        # Checkpoints from before the face front end have no "faces": they get its defaults.
+        return cls(**fields, faces=FaceSettings.from_dict(values.get("faces")))
+
+    def face_front_end(self) -> FaceFrontEnd:
+        """The detector and aligner for these settings, cropping to CelebA's frame at this input size."""
+        return FaceFrontEnd(self.faces, frame_size(self.image_size))
 
     def validate(self) -> "Preprocessing":
         """Raise ValueError when a field is out of range (a checkpoint's stored preprocessing is untrusted)."""
@@ -144,6 +152,7 @@ class Preprocessing:
         numbers("crop_scale", self.crop_scale, 2)
         if not (isinstance(self.flip_prob, (int, float)) and 0 <= self.flip_prob <= 1):
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob!r}")
+        self.faces.validate()
         return self
 
     def resize(self, img: Image.Image, rng: Optional[np.random.Generator] = None) -> Image.Image:

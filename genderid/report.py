@@ -97,11 +97,39 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_reliability(before: list[dict], after: list[dict], path: Path) -> None:
+    """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0.5, 1.0], [0.5, 1.0], "k--", linewidth=1, label="perfectly calibrated")
+    for rows, style, name in ((before, "o-", "before"), (after, "s-", "after (temperature)")):
+        points = [(r["confidence"], r["accuracy"]) for r in rows if r["count"]]
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=name)
+    ax.set_xlabel("confidence max(p, 1 - p)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0.5, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_report(directory: Path, report: dict, labels: list[str], history: Optional[list[dict]] = None) -> list[str]:
-    """Write ``report.json`` and the plots into a local folder; returns the file names."""
+    """Write ``report.json``, the plots and (for a checkpoint's evaluation) ``MODEL_CARD.md`` into a local folder;
+    returns the file names."""
     directory.mkdir(parents=True, exist_ok=True)
     files = ["report.json", "confusion_matrix.png"]
     plot_confusion(report["confusion_matrix"], labels, directory / "confusion_matrix.png")
+    if report.get("calibration", {}).get("reliability_before"):
+        plot_reliability(report["calibration"]["reliability_before"], report["calibration"]["reliability_after"],
+                         directory / "reliability_diagram.png")
+        files.append("reliability_diagram.png")
+    if report.get("model") is not None:
+        from genderid.model_card import model_card
+
+        (directory / "MODEL_CARD.md").write_text(model_card(report))
+        files.append("MODEL_CARD.md")
     if report.get("subgroups"):
         plot_subgroups(report["subgroups"], directory / "subgroup_accuracy.png")
         files.append("subgroup_accuracy.png")

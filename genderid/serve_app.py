@@ -24,8 +24,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from genderid.batching import ContinuousBatcher
 from genderid.checkpoint import model_description
+from genderid.predictor import faces_answer
 from genderid.serve_metrics import metrics
-from genderid.http_inputs import MULTIPART, Limits, RequestError, check_image_type, decode_upload, media_type
+from genderid.http_inputs import (MULTIPART, Limits, RequestError, check_image_type, decode_photo, decode_upload,
+                                  media_type)
 
 logger = logging.getLogger("ray.serve")
 LIMITS = Limits()  # the defaults of the input limits live in http_inputs.Limits
@@ -47,6 +49,7 @@ class ServeArgs(BaseModel):
     max_body_bytes: int = Field(LIMITS.max_body_bytes, ge=1, description="413 above this many body bytes")
     max_pixels: int = Field(LIMITS.max_pixels, ge=1, description="413 above this many decoded pixels per image")
     max_files: int = Field(LIMITS.max_files, ge=1, description="most `file` fields in one multipart request")
+    max_faces: int = Field(16, ge=1, description="POST /faces: the largest this many faces of a photo are answered")
     body_timeout_s: float = Field(LIMITS.body_timeout_s, gt=0, description="408 when the body takes longer")
     decode_threads: int = Field(1, ge=1, description="images decoded at once per replica (memory: see max_pixels)")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica; match ray_actor_options.num_cpus")
@@ -137,7 +140,7 @@ async def _multipart_files(request: Request, body: bytes, limits: Limits) -> lis
 @serve.deployment
 @serve.ingress(api)
 class GenderIdService:
-    """One replica: a loaded predictor behind ``/predict``, ``/healthz`` and ``/metadata``."""
+    """One replica: a loaded predictor behind ``/predict``, ``/faces``, ``/healthz`` and ``/metadata``."""
 
     def __init__(self, args: dict):
         import torch
@@ -163,6 +166,7 @@ class GenderIdService:
             # One clear line in the replica log and in `serve status`; the replica does not start.
             logger.error("genderid: cannot load checkpoint %s: %s", self.args.checkpoint, exc)
             raise RuntimeError(f"genderid: cannot load checkpoint {self.args.checkpoint}: {exc}") from None
+        self.predictor.front_end  # the face detector's models load now, not on the first photo
         self.test_metrics = None
         if self.args.report:
             import json
@@ -188,9 +192,10 @@ class GenderIdService:
             self.metrics.predictions.inc(tags={"label": prediction.label})
         return [p.to_dict(version) for p in predictions]
 
-    async def _decode(self, data: bytes, what: str) -> np.ndarray:
+    async def _decode(self, data: bytes, what: str, decode=None):
         """Decode in the bounded pool; the request stays ongoing until its decode has ended, even if cancelled."""
-        future = asyncio.get_running_loop().run_in_executor(self._decode_pool, self._timed_decode, data, what)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._decode_pool, decode or self._timed_decode, data, what)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -204,22 +209,52 @@ class GenderIdService:
         finally:
             self.metrics.decode_seconds.observe(time.perf_counter() - started)
 
-    @api.post("/predict")
-    async def predict(self, request: Request) -> dict:
-        """A raw image body -> one prediction; multipart ``file`` fields -> one per file, in order."""
+    def _timed_faces(self, data: bytes, what: str) -> tuple:
+        """A photo -> (its faces, their aligned crops as model input, its size), in the decode pool."""
+        started = time.perf_counter()
+        try:
+            photo = decode_photo(data, self.limits, what)
+            self.metrics.decode_seconds.observe(time.perf_counter() - started)
+            started = time.perf_counter()
+            faces, arrays = self.predictor.face_inputs(photo, self.args.max_faces)
+            self.metrics.detect_seconds.observe(time.perf_counter() - started)
+            return faces, arrays, photo.size
+        except RequestError:
+            self.metrics.decode_seconds.observe(time.perf_counter() - started)
+            raise
+
+    async def _uploads(self, request: Request) -> list[tuple[str, bytes]]:
+        """The request's images: a raw body, or its multipart ``file`` fields (within the limits)."""
         started = time.perf_counter()
         body = await _read_body(request, self.limits)
         self.metrics.body_seconds.observe(time.perf_counter() - started)
         kind = media_type(request.headers.get("content-type"))
         if kind == MULTIPART:
-            files = await _multipart_files(request, body, self.limits)
-        else:
-            check_image_type(kind)
-            files = [("request body", body)]
+            return await _multipart_files(request, body, self.limits)
+        check_image_type(kind)
+        return [("request body", body)]
+
+    @api.post("/faces")
+    async def faces(self, request: Request) -> dict:
+        """A photo -> every face in it (largest first, at most ``max_faces``): box, detection score, prediction."""
+        files = await self._uploads(request)
+        if len(files) != 1:
+            raise RequestError(400, f"POST /faces takes one photo; got {len(files)} 'file' fields")
+        what, data = files[0]
+        faces, arrays, size = await self._decode(data, what, self._timed_faces)
+        del files, data
+        # The faces of one photo join the batcher together, so they share a forward pass.
+        predictions = await asyncio.gather(*(self._infer(array) for array in arrays))
+        return faces_answer(faces, predictions, size)
+
+    @api.post("/predict")
+    async def predict(self, request: Request) -> dict:
+        """A raw image body -> one prediction; multipart ``file`` fields -> one per file, in order."""
+        files = await self._uploads(request)
         # Every image is decoded and checked before any joins a batch: a bad one fails only its own request. One at
         # a time: a request stops at its first bad file and never has more than one image decoding.
         arrays = [await self._decode(data, what) for what, data in files]
-        del body, files  # a waiting request holds its small arrays, not its upload
+        del files  # a waiting request holds its small arrays, not its upload
         predictions = await asyncio.gather(*(self._infer(array) for array in arrays))
         if len(predictions) == 1:
             return predictions[0]
@@ -242,7 +277,10 @@ class GenderIdService:
             "batching": {"max_batch_size": self.args.max_batch_size,
                          "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
             "limits": {"max_body_bytes": self.limits.max_body_bytes, "max_pixels": self.limits.max_pixels,
-                       "max_files": self.limits.max_files, "body_timeout_s": self.limits.body_timeout_s},
+                       "max_files": self.limits.max_files, "body_timeout_s": self.limits.body_timeout_s,
+                       "max_faces": self.args.max_faces},
+            "calibration": {**self.predictor.calibration.to_dict(), "uncertain_band": self.predictor.calibration.band()},
+            "faces": self.predictor.preprocessing.faces.to_dict(),
         }
 
 

@@ -13,7 +13,7 @@ class ServeMetrics:
 
     Names as Prometheus shows them (Ray adds ``ray_``): ``ray_genderid_requests_total{route, status}``,
     ``ray_genderid_rejected_total{reason}``, ``ray_genderid_predictions_total{label}``,
-    ``ray_genderid_{body,decode,forward}_seconds`` and ``ray_genderid_batch_size`` histograms.
+    ``ray_genderid_{body,decode,detect,forward}_seconds`` and ``ray_genderid_batch_size`` histograms.
     """
 
     SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -27,6 +27,8 @@ class ServeMetrics:
         self.predictions = Counter("genderid_predictions", "predictions made, by label", tag_keys=("label",))
         self.body_seconds = Histogram("genderid_body_seconds", "time to receive a request body", self.SECONDS)
         self.decode_seconds = Histogram("genderid_decode_seconds", "time to decode one image", self.SECONDS)
+        self.detect_seconds = Histogram("genderid_detect_seconds", "time to find and align the faces of one photo",
+                                        self.SECONDS)
         self.forward_seconds = Histogram("genderid_forward_seconds", "time of one batched forward pass",
                                          self.SECONDS)
         self.batch_size = Histogram("genderid_batch_size", "images per forward pass", [1, 2, 4, 8, 16, 32, 64])

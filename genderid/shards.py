@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from genderid import storage
 from genderid.errors import UserError
 from genderid.celeba import ATTRIBUTES, SPLITS, CelebaIndex
+from genderid.faces import TEMPLATE_FRAME
 from genderid.preprocess import ImageDecodeError, ImageTooLargeError, open_image
 
 MANIFEST = "_manifest.json"
@@ -86,15 +87,31 @@ def plan_shards(index: CelebaIndex, split: np.ndarray, rows_per_shard: int) -> l
 MAX_SOURCE_PIXELS = 40_000_000
 
 
-def write_shard(spec: dict, source: str, destination: str) -> dict:
+def aligned_jpeg(front_end, data: bytes, image) -> Optional[bytes]:
+    """The largest face of ``image`` aligned to CelebA's frame, as JPEG bytes; None when no face is found."""
+    faces = front_end.faces(image, max_faces=1)
+    if not faces:
+        return None
+    buffer = io.BytesIO()
+    faces[0].crop.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def write_shard(spec: dict, source: str, destination: str, align: Optional[dict] = None) -> dict:
     """Read and check one shard's JPEGs, write ``destination/part-NNNNN.parquet``; return its summary.
 
     Images that cannot be decoded (corrupt, truncated, decompression bombs) are skipped and listed, never
     written. Images that cannot be *read* (missing, permissions, a network error that persisted through the S3
     client's retries) are listed as ``failed``: they say nothing about the data, and the prepare must fail rather
-    than silently unbalance the data set.
+    than silently unbalance the data set. With ``align`` (face settings), each image is replaced by its largest
+    face aligned to CelebA's frame; images where no face is found are listed as ``no_face`` and left out.
     """
-    ids, images, keep, skipped, failed = list(spec["image_ids"]), [], [], [], []
+    ids, images, keep, skipped, failed, no_face = list(spec["image_ids"]), [], [], [], [], []
+    front_end = None
+    if align is not None:
+        from genderid.faces import FaceFrontEnd, FaceSettings
+
+        front_end = FaceFrontEnd(FaceSettings.from_dict(align))
     for row, image_id in enumerate(ids):
         uri = storage.join(source, "img_align_celeba", image_id)
         try:
@@ -103,10 +120,15 @@ def write_shard(spec: dict, source: str, destination: str) -> dict:
             failed.append({"image_id": image_id, "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue
         try:
-            open_image(data, max_pixels=MAX_SOURCE_PIXELS)  # full decode: catches truncated as well as corrupt
+            image = open_image(data, max_pixels=MAX_SOURCE_PIXELS)  # full decode: catches truncated and corrupt
         except (ImageDecodeError, ImageTooLargeError) as exc:
             skipped.append({"image_id": image_id, "error": str(exc)[:200]})
             continue
+        if front_end is not None:
+            data = aligned_jpeg(front_end, data, image)
+            if data is None:
+                no_face.append(image_id)
+                continue
         images.append(data)
         keep.append(row)
     split = np.asarray(spec["split"], dtype=np.int8)[keep]
@@ -118,7 +140,7 @@ def write_shard(spec: dict, source: str, destination: str) -> dict:
     pq.write_table(table, buffer, compression="none")  # JPEG bytes do not compress further
     storage.write_bytes(storage.join(destination, name), buffer.getvalue())
     return {"file": name, "rows": table.num_rows, "counts": split_counts(split, attributes[:, ATTRIBUTES.index("Male")]),
-            "skipped": skipped, "failed": failed}
+            "skipped": skipped, "failed": failed, "no_face": no_face}
 
 
 def split_counts(split: np.ndarray, male: np.ndarray) -> dict:
@@ -157,13 +179,17 @@ TaskRunner = Callable[[Callable[[dict], dict], list], list]
 
 
 def prepare_dataset(index: CelebaIndex, split: np.ndarray, destination: str, recipe: dict,
-                    run_tasks: TaskRunner, rows_per_shard: int = 2000) -> dict:
-    """Write all shards with ``run_tasks(fn, specs)`` (Ray Data in production), then publish the manifest."""
+                    run_tasks: TaskRunner, rows_per_shard: int = 2000, align: Optional[dict] = None) -> dict:
+    """Write all shards with ``run_tasks(fn, specs)`` (Ray Data in production), then publish the manifest.
+
+    ``align`` (face settings, :class:`genderid.faces.FaceSettings` as a dict) runs the face front end on every
+    image: for data sets whose crops are not CelebA's aligned ones (tight crops, photos)."""
     check_destination(destination)
     version = new_version()
     specs = plan_shards(index, split, rows_per_shard)
     target = storage.join(destination, version)
-    results = sorted(run_tasks(lambda spec: write_shard(spec, index.root, target), specs), key=lambda r: r["file"])
+    results = sorted(run_tasks(lambda spec: write_shard(spec, index.root, target, align), specs),
+                     key=lambda r: r["file"])
     failed = [f for r in results for f in r.get("failed", [])]
     if failed:  # nothing is published: the previous data set (if any) stays the current one
         storage.delete_dir(target)
@@ -180,6 +206,10 @@ def prepare_dataset(index: CelebaIndex, split: np.ndarray, destination: str, rec
         "counts": _merge_counts(r["counts"] for r in results),
         "skipped": {"count": len(skipped), "images": skipped},
     }
+    if align is not None:
+        no_face = [i for r in results for i in r.get("no_face", [])]
+        manifest["aligned"] = {"faces": align, "frame": list(TEMPLATE_FRAME),
+                               "no_face": {"count": len(no_face), "images": no_face}}
     publish(destination, manifest)
     return manifest
 

@@ -24,6 +24,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from genderid import engine, runs, storage
+from genderid.calibration import Calibration
 from genderid.checkpoint import load_checkpoint, save_checkpoint
 from genderid.config import Config, ConfigError, config_from_dict
 from genderid.model import build_model
@@ -125,6 +126,8 @@ def train_loop(loop_config: dict) -> None:
         parts = _gather((stats["loss"] * stats["images"], stats["accuracy"] * stats["images"], stats["images"],
                          train_seconds))
         metrics = _epoch_metrics(epoch, start_epoch, parts, val.metrics(), time.perf_counter() - started)
+        # Fitted on this epoch's own val pass, so each checkpoint carries the calibration of exactly its weights.
+        calibration = Calibration.fit(val.margins, val.y_true, config.train.calibration_target_accuracy)
         hooks.on_epoch_end(epoch, rank, module)
         # Every rank sees the same gathered val loss, so every rank takes the same decision.
         stop = engine.early_stopping_update(state, metrics["val_loss"], config.train.early_stopping_patience)
@@ -142,7 +145,7 @@ def train_loop(loop_config: dict) -> None:
             checkpoint = None
             if rank == 0:
                 save_checkpoint(directory, model, preprocessing=preprocessing, config=config.to_dict(),
-                                metrics=metrics, epoch=epoch, history=state["history"],
+                                metrics=metrics, epoch=epoch, history=state["history"], calibration=calibration,
                                 train_state={"optimizer": optimizer.state_dict(), "loop": state})
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)

@@ -29,6 +29,7 @@ from genderid.predictor import Predictor
 
 pytestmark = pytest.mark.ray
 APP, DEPLOYMENT = "genderid", "GenderIdService"
+MAX_FACES = 2
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +96,11 @@ def as_png(jpeg):
 
 @pytest.fixture(scope="module")
 def endpoint(local_cluster, ray_cluster, model, tmp_path_factory):
-    """`serve run` of serve_config.yaml with only the checkpoint and the port changed."""
+    """`serve run` of serve_config.yaml with only the checkpoint, the port and max_faces changed."""
     port = free_port()
-    path = write(serve_config(model["checkpoint"], port), tmp_path_factory.mktemp("serve-config") / "serve.yaml")
+    config = serve_config(model["checkpoint"], port)
+    config["applications"][0]["args"]["max_faces"] = MAX_FACES  # so a photo of three faces tests the limit
+    path = write(config, tmp_path_factory.mktemp("serve-config") / "serve.yaml")
     # --non-blocking: deploy and return, as a user's `serve run` would before they press Ctrl-C.
     run = serve_cli(local_cluster, "run", path, "--address", local_cluster.address, "--non-blocking")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
@@ -172,6 +175,92 @@ def test_a_real_face_and_the_cli_client(endpoint, model, tmp_path):
     run = subprocess.run([sys.executable, "-m", "genderid", "predict", str(bad), "--url", endpoint["url"]],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "HTTP 415" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def scenes(real_celeba):
+    """Photos of real faces in scenes (0, 1, 2 and 3 faces), from faces the detector finds on their own crops."""
+    from genderid import celeba
+    from genderid.faces import TEMPLATE_FRAME, FaceFrontEnd
+    from genderid.scenes import compose
+
+    index = celeba.read_celeba(str(real_celeba))
+    front, faces = FaceFrontEnd(), []
+    for i in np.flatnonzero(celeba.official_split(index) == 1)[:30]:
+        face = Image.open(real_celeba / "img_align_celeba" / index.image_ids[i]).convert("RGB")
+        if front.faces(face.resize(TEMPLATE_FRAME)):
+            faces.append((face, int(index.attributes[i, celeba.MALE])))
+    rng = np.random.default_rng(11)
+    made = {}
+    for count, start in ((0, 0), (1, 0), (2, 1), (3, 3)):
+        picked = faces[start:start + count]
+        made[count] = compose(rng, [f for f, _ in picked], [m for _, m in picked], face_width=(80, 130), max_angle=5)
+    assert [len(made[n].boxes) for n in range(4)] == [0, 1, 2, 3]
+    return made
+
+
+def jpeg_bytes(photo, **save_args):
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=95, **save_args)
+    return buffer.getvalue()
+
+
+@pytest.mark.real
+def test_faces_in_photos_are_found_boxed_and_labelled_as_the_local_front_end_does(endpoint, model, scenes, tmp_path):
+    from genderid.scenes import match
+
+    url, predictor = endpoint["url"], model["predictor"]
+    for count in (1, 2):
+        data = jpeg_bytes(scenes[count].photo)
+        answer = requests.post(url + "/faces", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["image_size"] == list(scenes[count].photo.size)
+        assert len(match(scenes[count].boxes, [f["box"] for f in body["faces"]])) == count
+        local = predictor.predict_faces(data)
+        assert [f["label"] for f in body["faces"]] == [f["label"] for f in local["faces"]]
+        assert np.allclose([f["p_male"] for f in body["faces"]], [f["p_male"] for f in local["faces"]], atol=1e-4)
+        assert all(set(f) == {"box", "detection_score", "label", "p_male", "uncertain", "model_version"}
+                   and f["model_version"] == predictor.model_version for f in body["faces"])
+        areas = [(f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]) for f in body["faces"]]
+        assert areas == sorted(areas, reverse=True)
+    # No face: an empty list, not an error.
+    empty = requests.post(url + "/faces", data=jpeg_bytes(scenes[0].photo), headers={"Content-Type": "image/jpeg"},
+                          timeout=60)
+    assert empty.status_code == 200 and empty.json() == {"faces": [], "image_size": [640, 480]}
+    # max_faces: the largest MAX_FACES of three.
+    three = requests.post(url + "/faces", files={"file": ("three.jpg", jpeg_bytes(scenes[3].photo), "image/jpeg")},
+                          timeout=60).json()["faces"]
+    every = predictor.predict_faces(jpeg_bytes(scenes[3].photo))["faces"]
+    assert len(every) == 3 and [f["box"] for f in three] == [f["box"] for f in every[:MAX_FACES]]
+    # Stored on its side with an EXIF rotation: boxes in the pixels of the upright photo.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    sideways = jpeg_bytes(scenes[2].photo.transpose(Image.Transpose.ROTATE_90), exif=exif)
+    rotated = requests.post(url + "/faces", data=sideways, headers={"Content-Type": "image/jpeg"}, timeout=60).json()
+    assert rotated["image_size"] == [640, 480]
+    assert len(match(scenes[2].boxes, [f["box"] for f in rotated["faces"]])) == 2
+    # The same limits and errors as /predict, and one photo per request.
+    for data, kind, status in ((b"", "image/jpeg", 400), (b"hello", "text/plain", 415),
+                               (bad_requests()[4][1], "image/png", 413)):
+        answer = requests.post(url + "/faces", data=data, headers={"Content-Type": kind}, timeout=60)
+        assert answer.status_code == status and set(answer.json()) == {"error"}, answer.text
+    two_files = [("file", (f"{i}.jpg", jpeg_bytes(scenes[1].photo), "image/jpeg")) for i in range(2)]
+    answer = requests.post(url + "/faces", files=two_files, timeout=60)
+    assert answer.status_code == 400 and "one photo" in answer.json()["error"]
+    # /predict answers carry the uncertain flag too.
+    assert isinstance(post(url, model["images"][0]).json()["uncertain"], bool)
+    # The CLI, through the endpoint, with an annotated copy.
+    photo = tmp_path / "two.jpg"
+    photo.write_bytes(jpeg_bytes(scenes[2].photo))
+    out = tmp_path / "annotated.jpg"
+    run = subprocess.run([sys.executable, "-m", "genderid", "predict", "--faces", str(photo), "--url", url,
+                          "--annotate", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    printed = json.loads(run.stdout.strip().splitlines()[-1])
+    assert printed["image"] == str(photo) and len(printed["faces"]) == 2
+    assert Image.open(out).size == (640, 480)
+    assert np.abs(np.asarray(Image.open(out), dtype=int) - np.asarray(Image.open(photo), dtype=int)).max() > 100
 
 
 def curl(*args):

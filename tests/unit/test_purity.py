@@ -7,7 +7,8 @@ PURE_MODULES = ["genderid.config", "genderid.preprocess", "genderid.model", "gen
                 "genderid.checkpoint", "genderid.predictor", "genderid.batches", "genderid.celeba", "genderid.synth",
                 "genderid.shards", "genderid.storage", "genderid.local_train", "genderid.cli",
                 "genderid.http_inputs", "genderid.client", "genderid.runs", "genderid.search", "genderid.errors",
-                "genderid.train_hooks", "genderid.batching", "genderid.loadgen"]
+                "genderid.train_hooks", "genderid.batching", "genderid.loadgen", "genderid.calibration",
+                "genderid.faces", "genderid.scenes", "genderid.annotate", "genderid.model_card", "genderid.report"]
 
 SCRIPT = textwrap.dedent("""
     import importlib, importlib.abc, sys
@@ -38,7 +39,9 @@ SCRIPT = textwrap.dedent("""
         checkpoint.save_checkpoint(tmp, net, preprocessing=preprocess.Preprocessing(image_size=(32, 32)))
         buffer = io.BytesIO()
         Image.new("RGB", (40, 40)).save(buffer, format="PNG")
-        print(predictor.Predictor.from_checkpoint(tmp).predict([buffer.getvalue()])[0].label)
+        loaded = predictor.Predictor.from_checkpoint(tmp)
+        assert loaded.predict_faces(buffer.getvalue()) == {"faces": [], "image_size": [40, 40]}  # dlib, no Ray
+        print(loaded.predict([buffer.getvalue()])[0].label)
     assert not any(m == "ray" or m.startswith("ray.") for m in sys.modules)
 """)
 
