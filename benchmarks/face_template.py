@@ -1,4 +1,4 @@
-"""Derive genderid.faces.CELEBA_TEMPLATE: mean dlib 5-point landmarks (eye centres, nose base) on CelebA's aligned crops.
+"""Derive genderid.faces.CELEBA_TEMPLATE: mean dlib 5-point landmarks (eye centres, nose) on CelebA's aligned crops.
 
     python benchmarks/face_template.py [--celeba ../shared/data/celeba-subset] [--n 1000]
 

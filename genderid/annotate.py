@@ -1,4 +1,4 @@
-"""Draw ``POST /faces`` answers onto their photo: a box per face, its label, ``p_male`` and the uncertain flag. Pure PIL."""
+"""Draw ``POST /faces`` answers on their photo: a box per face, its label, ``p_male``, the uncertain flag. Pure PIL."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -157,7 +157,8 @@ class Calibration:
         calibration = cls(**values)
         t, c = calibration.temperature, calibration.confidence_threshold
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
-            raise ValueError(f"{where}.temperature must be a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {t!r}")
+            raise ValueError(f"{where}.temperature must be a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                             f"got {t!r}")
         if not isinstance(c, (int, float)) or isinstance(c, bool) or not 0.5 <= c <= 1.0:
             raise ValueError(f"{where}.confidence_threshold must be a number in [0.5, 1], got {c!r}")
         return calibration

@@ -129,7 +129,7 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
     deploy(set_checkpoint(serve_settings, best_pointer, report=str(report_dir / "report.json")))
     wait_until_running(APP_NAME)
     url = f"http://127.0.0.1:{port}"
-    print(f"[demo] endpoint: {url}/predict")
+    print(f"[demo] endpoint: {url}/predict and {url}/faces; try it in a browser: {url}/")
 
     _step(7, f"{SAMPLE_IMAGES} images through HTTP")
     predictions = []
@@ -153,8 +153,8 @@ def run_demo(workdir: str = "runs/demo", celeba: Optional[str] = None, n: int = 
     print("\n[demo] summary\n" + json.dumps(summary, indent=2))
     print(f"[demo] done in {summary['seconds']} s; summary: {workdir_path / 'summary.json'}")
     if keep_serving:
-        print(f"[demo] serving at {url} (POST /predict, POST /faces, GET /healthz, GET /metadata); Ctrl-C stops it",
-              flush=True)
+        print(f"[demo] serving at {url}: open {url}/ in a browser to try your own photos (POST /predict, "
+              f"POST /faces, GET /healthz, GET /metadata); Ctrl-C stops it", flush=True)
         try:
             while True:
                 time.sleep(3600)

@@ -86,7 +86,7 @@ class Face:
 
 
 def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """The 2x3 matrix of the least-squares similarity (Umeyama, no reflection) taking ``source`` points to ``target``."""
+    """The 2x3 matrix of the least-squares similarity (Umeyama, no reflection) taking ``source`` to ``target``."""
     source, target = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
     mean_s, mean_t = source.mean(0), target.mean(0)
     s, t = source - mean_s, target - mean_t
@@ -192,7 +192,8 @@ class FaceFrontEnd:
             points = np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], dtype=np.float64)
             eyes = sorted([points[0:2].mean(0), points[2:4].mean(0)], key=lambda p: p[0])
             landmarks = np.array([eyes[0], eyes[1], points[4]])
-            box = (max(0.0, box[0]), max(0.0, box[1]), min(float(photo.width), box[2]), min(float(photo.height), box[3]))
+            box = (max(0.0, box[0]), max(0.0, box[1]),
+                   min(float(photo.width), box[2]), min(float(photo.height), box[3]))
             faces.append(Face(box=box, score=float(score), landmarks=landmarks,
                               crop=align(photo, landmarks, self.crop_size)))
         return faces

@@ -29,7 +29,7 @@ def model_card(report: dict) -> str:
         f"pretrained weights: {architecture.get('weights', 'n/a')}), input {model.get('input_size')} (height, width), "
         f"two outputs (female, male) from CelebA's binary `Male` attribute.",
         f"- Checkpoint `{report.get('checkpoint')}`, epoch {model.get('epoch')}, written {model.get('created')}.",
-        f"- Training: {model.get('train')}",
+        "- Training: " + (", ".join(f"{k} {v}" for k, v in sorted((model.get("train") or {}).items())) or "n/a") + ".",
         "",
         "## Data",
         f"- Evaluated on `{report.get('data')}`, split **{report.get('split')}** ({report.get('count')} images).",
@@ -59,11 +59,15 @@ def model_card(report: dict) -> str:
         f"`p_male` is divided by a temperature fitted on the {calibration.get('fitted_on') or 'n/a'} split "
         f"(T = {_num(calibration.get('temperature'), 3)}). Expected calibration error on this split: "
         f"{_num(calibration.get('ece_before'))} before, {_num(calibration.get('ece_after'))} after "
-        "(`reliability_diagram.png`).",
+        "(`reliability_diagram.png`)." + (
+            " This is the split the temperature and band were fitted on, so these figures are in-sample; "
+            "evaluate another split for out-of-sample ones." if calibration.get("fitted_on") == report.get("split")
+            else ""),
         "",
         f"Predictions with `p_male` inside {[round(v, 4) for v in calibration.get('uncertain_band', [0.5, 0.5])]} are "
         f"flagged `uncertain`: the band was chosen on val so that the others reach "
-        f"{_pct(calibration.get('target_accuracy'))} accuracy. On this split {_pct(calibration.get('uncertain_share'))} "
+        f"{_pct(calibration.get('target_accuracy'))} accuracy. On this split "
+        f"{_pct(calibration.get('uncertain_share'))} "
         f"are flagged, and the others are {_pct(calibration.get('accuracy_confident'))} correct.",
         "",
         "## Subgroups",

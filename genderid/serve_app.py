@@ -9,6 +9,11 @@ here, alone) -> the continuous batcher (:mod:`genderid.batching`) -> one forward
 """
 
 import asyncio
+import base64
+import functools
+import html
+import importlib.resources
+import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,6 +35,34 @@ from genderid.http_inputs import (MULTIPART, Limits, RequestError, check_image_t
                                   media_type)
 
 logger = logging.getLogger("ray.serve")
+
+
+class _PackageFile:
+    """A file shipped in the package, read once (replicas import this module; reading is lazy)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._text: Optional[str] = None
+
+    def read(self) -> str:
+        if self._text is None:
+            self._text = (importlib.resources.files("genderid") / "web" / self.name).read_text(encoding="utf-8")
+        return self._text
+
+
+WEB_PAGE = _PackageFile("index.html")
+WEB_FILES = {"app.js": _PackageFile("app.js"), "style.css": _PackageFile("style.css")}
+WEB_TYPES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+# The page may load and call only this endpoint: no CDN, no analytics, nothing leaves for another host.
+WEB_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
+                                          "frame-ancestors 'none'", "X-Content-Type-Options": "nosniff"}
+
+
+def jpeg_data_url(image, quality: int = 85) -> str:
+    """A small image as a ``data:image/jpeg;base64,...`` URL (the aligned crops ``/faces?crops=true`` returns)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 LIMITS = Limits()  # the defaults of the input limits live in http_inputs.Limits
 api = FastAPI(title="genderid", description="Male/female face classification (CelebA's binary Male label).")
 
@@ -209,8 +242,9 @@ class GenderIdService:
         finally:
             self.metrics.decode_seconds.observe(time.perf_counter() - started)
 
-    def _timed_faces(self, data: bytes, what: str) -> tuple:
-        """A photo -> (its faces, their aligned crops as model input, its size), in the decode pool."""
+    def _timed_faces(self, data: bytes, what: str, crops: bool = False) -> tuple:
+        """A photo -> (its faces, their aligned crops as model input, its size, the crops as JPEG data URLs when
+        asked), in the decode pool."""
         started = time.perf_counter()
         try:
             photo = decode_photo(data, self.limits, what)
@@ -218,7 +252,8 @@ class GenderIdService:
             started = time.perf_counter()
             faces, arrays = self.predictor.face_inputs(photo, self.args.max_faces)
             self.metrics.detect_seconds.observe(time.perf_counter() - started)
-            return faces, arrays, photo.size
+            urls = [jpeg_data_url(face.crop) for face in faces] if crops else None
+            return faces, arrays, photo.size, urls
         except RequestError:
             self.metrics.decode_seconds.observe(time.perf_counter() - started)
             raise
@@ -235,17 +270,34 @@ class GenderIdService:
         return [("request body", body)]
 
     @api.post("/faces")
-    async def faces(self, request: Request) -> dict:
-        """A photo -> every face in it (largest first, at most ``max_faces``): box, detection score, prediction."""
+    async def faces(self, request: Request, crops: bool = False) -> dict:
+        """A photo -> every face in it (largest first, at most ``max_faces``): box, detection score, prediction;
+        ``?crops=true`` adds each aligned crop the model saw, as a small JPEG data URL."""
         files = await self._uploads(request)
         if len(files) != 1:
             raise RequestError(400, f"POST /faces takes one photo; got {len(files)} 'file' fields")
         what, data = files[0]
-        faces, arrays, size = await self._decode(data, what, self._timed_faces)
+        faces, arrays, size, urls = await self._decode(data, what, functools.partial(self._timed_faces, crops=crops))
         del files, data
         # The faces of one photo join the batcher together, so they share a forward pass.
         predictions = await asyncio.gather(*(self._infer(array) for array in arrays))
-        return faces_answer(faces, predictions, size)
+        answer = faces_answer(faces, predictions, size)
+        for face, url in zip(answer["faces"], urls or []):
+            face["crop"] = url
+        return answer
+
+    @api.get("/", response_class=HTMLResponse)
+    def page(self, request: Request) -> HTMLResponse:
+        """The try-it page. Its links are relative to ``<base>``: the route prefix, so it works under any prefix."""
+        base = html.escape(request.scope.get("root_path", "").rstrip("/") + "/", quote=True)
+        return HTMLResponse(WEB_PAGE.read().replace("{{BASE}}", base), headers=WEB_HEADERS)
+
+    @api.get("/static/{name}")
+    def static(self, name: str) -> Response:
+        """The page's script and style sheet (only these names: nothing else of the package is reachable)."""
+        if name not in WEB_FILES:
+            raise StarletteHTTPException(404, f"no such file: {name}")
+        return Response(WEB_FILES[name].read(), media_type=WEB_TYPES[name], headers=WEB_HEADERS)
 
     @api.post("/predict")
     async def predict(self, request: Request) -> dict:
@@ -279,7 +331,8 @@ class GenderIdService:
             "limits": {"max_body_bytes": self.limits.max_body_bytes, "max_pixels": self.limits.max_pixels,
                        "max_files": self.limits.max_files, "body_timeout_s": self.limits.body_timeout_s,
                        "max_faces": self.args.max_faces},
-            "calibration": {**self.predictor.calibration.to_dict(), "uncertain_band": self.predictor.calibration.band()},
+            "calibration": {**self.predictor.calibration.to_dict(),
+                            "uncertain_band": self.predictor.calibration.band()},
             "faces": self.predictor.preprocessing.faces.to_dict(),
         }
 

@@ -45,6 +45,32 @@ def real_celeba() -> Path:
     return REAL_CELEBA
 
 
+@pytest.fixture(scope="session")
+def face_scenes(real_celeba):
+    """Photos of real val faces in scenes, by face count (0-3): faces the detector finds on their own crops (CelebA
+    also holds profiles, which a frontal detector misses; benchmarks/faces_accuracy.py measures on all faces)."""
+    import numpy as np
+    from PIL import Image
+
+    from genderid import celeba
+    from genderid.faces import TEMPLATE_FRAME, FaceFrontEnd
+    from genderid.scenes import compose
+
+    index = celeba.read_celeba(str(real_celeba))
+    front, faces = FaceFrontEnd(), []
+    for i in np.flatnonzero(celeba.official_split(index) == 1)[:30]:
+        face = Image.open(real_celeba / "img_align_celeba" / index.image_ids[i]).convert("RGB")
+        if front.faces(face.resize(TEMPLATE_FRAME)):
+            faces.append((face, int(index.attributes[i, celeba.MALE])))
+    rng = np.random.default_rng(11)
+    made = {}
+    for count, start in ((0, 0), (1, 0), (2, 1), (3, 3)):
+        picked = faces[start:start + count]
+        made[count] = compose(rng, [f for f, _ in picked], [m for _, m in picked], face_width=(80, 130), max_angle=5)
+    assert [len(made[n].boxes) for n in range(4)] == [0, 1, 2, 3]
+    return made
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

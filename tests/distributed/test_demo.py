@@ -24,10 +24,14 @@ def test_run_demo_end_to_end_predicts_over_http_and_shuts_serve_down(local_clust
     for prediction in summary["predictions"]:  # answered by the endpoint: it carries the served model's version
         assert prediction["label"] in ("male", "female") and len(prediction["model_version"]) == 12
     assert (workdir / "sweep" / "results.csv").is_file() and (workdir / "report" / "report.json").is_file()
+    card = (workdir / "report" / "MODEL_CARD.md").read_text()  # the demo leaves a model card behind
+    assert "## Calibration" in card and "## Limits" in card
+    for prediction in summary["predictions"]:
+        assert isinstance(prediction["uncertain"], bool)
     assert json.loads((workdir / "train" / "best.json").read_text())["checkpoint"] == \
         summary["outputs"]["best_checkpoint"]
     for text in ("step 3/7: Tune sweep", "trial_id | config/lr", "step 4/7: train", "[demo] summary",
-                 "shut down cleanly"):
+                 f"try it in a browser: http://127.0.0.1:{port}/", "model card:", "shut down cleanly"):
         assert text in run.stdout, text
     from ray import serve
 

@@ -177,28 +177,6 @@ def test_a_real_face_and_the_cli_client(endpoint, model, tmp_path):
     assert run.returncode == 2 and "HTTP 415" in run.stderr
 
 
-@pytest.fixture(scope="module")
-def scenes(real_celeba):
-    """Photos of real faces in scenes (0, 1, 2 and 3 faces), from faces the detector finds on their own crops."""
-    from genderid import celeba
-    from genderid.faces import TEMPLATE_FRAME, FaceFrontEnd
-    from genderid.scenes import compose
-
-    index = celeba.read_celeba(str(real_celeba))
-    front, faces = FaceFrontEnd(), []
-    for i in np.flatnonzero(celeba.official_split(index) == 1)[:30]:
-        face = Image.open(real_celeba / "img_align_celeba" / index.image_ids[i]).convert("RGB")
-        if front.faces(face.resize(TEMPLATE_FRAME)):
-            faces.append((face, int(index.attributes[i, celeba.MALE])))
-    rng = np.random.default_rng(11)
-    made = {}
-    for count, start in ((0, 0), (1, 0), (2, 1), (3, 3)):
-        picked = faces[start:start + count]
-        made[count] = compose(rng, [f for f, _ in picked], [m for _, m in picked], face_width=(80, 130), max_angle=5)
-    assert [len(made[n].boxes) for n in range(4)] == [0, 1, 2, 3]
-    return made
-
-
 def jpeg_bytes(photo, **save_args):
     buffer = io.BytesIO()
     photo.save(buffer, format="JPEG", quality=95, **save_args)
@@ -206,9 +184,11 @@ def jpeg_bytes(photo, **save_args):
 
 
 @pytest.mark.real
-def test_faces_in_photos_are_found_boxed_and_labelled_as_the_local_front_end_does(endpoint, model, scenes, tmp_path):
+def test_faces_in_photos_are_found_boxed_and_labelled_as_the_local_front_end_does(endpoint, model, face_scenes,
+                                                                                  tmp_path):
     from genderid.scenes import match
 
+    scenes = face_scenes
     url, predictor = endpoint["url"], model["predictor"]
     for count in (1, 2):
         data = jpeg_bytes(scenes[count].photo)
@@ -224,6 +204,17 @@ def test_faces_in_photos_are_found_boxed_and_labelled_as_the_local_front_end_doe
                    and f["model_version"] == predictor.model_version for f in body["faces"])
         areas = [(f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]) for f in body["faces"]]
         assert areas == sorted(areas, reverse=True)
+    # ?crops=true adds each aligned crop the model saw (CelebA's frame at the model's input size), as a data URL.
+    import base64
+
+    from genderid.faces import frame_size
+
+    with_crops = requests.post(url + "/faces?crops=true", data=jpeg_bytes(scenes[1].photo),
+                               headers={"Content-Type": "image/jpeg"}, timeout=60).json()["faces"]
+    prefix = "data:image/jpeg;base64,"
+    assert with_crops[0]["crop"].startswith(prefix)
+    crop = Image.open(io.BytesIO(base64.b64decode(with_crops[0]["crop"][len(prefix):])))
+    assert crop.size == frame_size(predictor.preprocessing.image_size)
     # No face: an empty list, not an error.
     empty = requests.post(url + "/faces", data=jpeg_bytes(scenes[0].photo), headers={"Content-Type": "image/jpeg"},
                           timeout=60)

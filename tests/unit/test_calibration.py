@@ -116,7 +116,8 @@ def test_the_report_carries_ece_before_and_after_a_reliability_diagram_and_a_mod
     assert section["accuracy_confident"] >= 0.94 and 0 < section["uncertain_share"] < 1
     attributes = np.random.default_rng(0).integers(0, 2, (len(y), 2)).astype(np.int8)
     report = {"checkpoint": "ckpt", "model_version": "abc", "data": "data", "split": "test",
-              **classification_metrics(y, sigmoid(margins), attributes=attributes, attribute_names=["Smiling", "Young"]),
+              **classification_metrics(y, sigmoid(margins), attributes=attributes,
+                                       attribute_names=["Smiling", "Young"]),
               "calibration": section, "dataset": {"counts": {"test": {"total": len(y), "male": int(y.sum())}}},
               "model": {"architecture": {"width": 0.25}, "input_size": [108, 88], "val_metrics": {"val_accuracy": 0.9}}}
     files = write_report(tmp_path, report, ["female", "male"])
