@@ -41,6 +41,22 @@ def chromium() -> str:
     return path
 
 
+def save_for_readme(screenshot, photo_boxes, out) -> None:
+    """The README's copy of the screenshot: the CelebA faces in it (inside their boxes, and the crops) pixelated, so
+    CelebA's images stay out of the repository; a small palette PNG."""
+    from PIL import Image
+
+    image = Image.open(screenshot).convert("RGB")
+    for box in photo_boxes:
+        inset = 4  # keep the drawn box's border
+        area = tuple(round(v) for v in (box["x"] + inset, box["y"] + inset, box["x"] + box["width"] - inset,
+                                        box["y"] + box["height"] - inset))
+        region = image.crop(area)
+        small = region.resize((max(1, region.width // 10), max(1, region.height // 10)), Image.Resampling.BOX)
+        image.paste(small.resize(region.size, Image.Resampling.NEAREST), area[:2])
+    image.quantize(colors=64).save(out, optimize=True)
+
+
 @pytest.fixture(scope="module")
 def page_endpoint(local_cluster, ray_cluster, tmp_path_factory):
     """`serve run` of serve_config.yaml under a route prefix, with an untrained tiny model (the page shows what
@@ -49,7 +65,8 @@ def page_endpoint(local_cluster, ray_cluster, tmp_path_factory):
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("web")
-    checkpoint = save_checkpoint(folder / "checkpoint", GenderNet(width=0.1, batch_norm=True, head_hidden=16).eval(),
+    # GENDERID_WEB_CHECKPOINT: serve a trained model instead (how the README's screenshot was made).
+    checkpoint = os.environ.get("GENDERID_WEB_CHECKPOINT") or save_checkpoint(folder / "checkpoint", GenderNet(width=0.1, batch_norm=True, head_hidden=16).eval(),
                                  preprocessing=Preprocessing(image_size=(64, 52)),
                                  calibration=Calibration(temperature=1.5, confidence_threshold=0.6,
                                                          target_accuracy=0.99, fitted_on="val"))
@@ -134,7 +151,9 @@ def test_a_photo_with_two_faces_is_drawn_as_the_endpoint_answers_and_errors_show
             assert page.locator(".faces img").count() == 2  # the aligned crops the model saw
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             if os.environ.get("GENDERID_SCREENSHOT"):  # how the README's screenshot is made
-                shutil.copy(tmp_path / "page.png", os.environ["GENDERID_SCREENSHOT"])
+                faces = page.locator(".face-box, .faces img")
+                photos = [faces.nth(i).bounding_box() for i in range(faces.count())]
+                save_for_readme(tmp_path / "page.png", photos, os.environ["GENDERID_SCREENSHOT"])
             assert console_errors == []
             # A text file: the endpoint's own 415 message, shown on the page. (Chromium logs the refused request
             # itself as a console error; that one is expected.)
