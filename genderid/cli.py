@@ -130,28 +130,82 @@ def _predict_faces(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    import time
+
+    from genderid.runs import list_runs
+
+    rows = list_runs(args.storage)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=float))
+        return 0
+    if not rows:
+        print(f"no runs or sweeps under {args.storage}")
+        return 0
+
+    def number(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    table = [("name", "kind", "when (UTC)", "val_accuracy", "val_loss", "finished", "best checkpoint")]
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(row["when"])) if row["when"] else "-"
+        table.append((row["name"], row["kind"], when, number(row["val_accuracy"]), number(row["val_loss"]),
+                      "yes" if row["finished"] else "no", row["checkpoint"] or row.get("error") or "-"))
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(table[0]) - 1)]
+    for line in table:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)) + "  " + str(line[-1]))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from genderid.config import named_config_path
+
+    print(named_config_path(args.name).read_text(), end="")
+    return 0
+
+
+def cmd_serve_config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from genderid.errors import UserError
+    from genderid.serve_deploy import DEFAULT_SERVE_CONFIG
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"{out} exists; choose another --out or pass --force to overwrite it")
+    out.write_text(DEFAULT_SERVE_CONFIG.read_text())
+    print(f"wrote {out}: set applications[0].args.checkpoint, then `serve run {out}`")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from genderid.demo import run_demo
 
     run_demo(workdir=args.workdir, celeba=args.celeba, n=args.n, config_path=args.config, overrides=args.overrides,
-             port=args.port, keep_serving=args.keep_serving, serve_config=args.serve_config)
+             port=args.port, keep_serving=args.keep_serving, serve_config=args.serve_config, resume=args.resume)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from genderid.config import StorageConfig
+    from genderid.demo import DEFAULT_WORKDIR
+
     parser = argparse.ArgumentParser(prog="genderid", description="Train, tune and serve a CelebA gender classifier "
                                                                    "on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="the main job end to end on synthetic (or --celeba) data")
     demo.add_argument("--celeba", help="a CelebA folder to use instead of synthetic data")
-    demo.add_argument("--workdir", default="runs/demo", help="where every output goes (default: runs/demo)")
+    demo.add_argument("--workdir", default=DEFAULT_WORKDIR,
+                      help=f"where every output goes (default: {DEFAULT_WORKDIR}; each run in a folder of its own)")
     demo.add_argument("--n", type=int, default=800, help="synthetic images to make (default: 800)")
-    demo.add_argument("--config", help="config to start from (default: jobs/configs/tiny.yaml)")
+    demo.add_argument("--config", help="config file or named config to start from (default: tiny)")
     demo.add_argument("overrides", nargs="*", metavar="key=value",
                       help="dotted overrides on top of the demo's, e.g. tune.num_samples=8 train.epochs=6")
     demo.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default: 8000)")
     demo.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl-C")
+    demo.add_argument("--resume", metavar="RUN_ID",
+                      help="continue an earlier demo run in the workdir (default: every demo run is a fresh one)")
     demo.add_argument("--serve-config", help="Serve config to deploy (default: the repository's serve_config.yaml)")
     demo.set_defaults(handler=cmd_demo)
 
@@ -177,14 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(handler=cmd_prepare)
 
     train = commands.add_parser("train", help="Ray Train run; writes best.json and a test report")
-    train.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/tiny.yaml")
+    train.add_argument("--config", required=True, help="YAML config file, or a named config: tiny, cpu, ...")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
     train.add_argument("--no-evaluate", action="store_true", help="skip evaluating the best checkpoint")
     train.add_argument("--report-dir", help="where the evaluation report goes (default: beside the checkpoint)")
     train.set_defaults(handler=cmd_train)
 
     tune = commands.add_parser("tune", help="Ray Tune sweep over lr x unfreeze depth; writes results.csv, best.json")
-    tune.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/tiny.yaml")
+    tune.add_argument("--config", required=True, help="YAML config file, or a named config: tiny, cpu, ...")
     tune.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. tune.num_samples=8")
     tune.set_defaults(handler=cmd_tune)
 
@@ -194,6 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="output folder (path or s3://)")
     evaluate.add_argument("--split", choices=("test", "val", "train"), default="test")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    config = commands.add_parser("config", help="the named configs that ship with genderid")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    show = config_commands.add_parser("show", help="print a named config (tiny, cpu, celeba-vgg16, ...)")
+    show.add_argument("name")
+    show.set_defaults(handler=cmd_config_show)
+
+    serve_config = commands.add_parser("serve-config", help="write a starting serve_config.yaml (the shipped one)")
+    serve_config.add_argument("--out", default="serve_config.yaml", help="where (default: ./serve_config.yaml)")
+    serve_config.add_argument("--force", action="store_true", help="overwrite an existing file")
+    serve_config.set_defaults(handler=cmd_serve_config)
+
+    runs = commands.add_parser("runs", help="the train runs and sweeps under a storage path, newest first")
+    default_storage = StorageConfig.path  # the config's own default for storage.path
+    runs.add_argument("storage", nargs="?", default=default_storage,
+                      help=f"storage.path, local or s3:// (default: {default_storage})")
+    runs.add_argument("--json", action="store_true", help="one JSON list, for scripts")
+    runs.set_defaults(handler=cmd_runs)
 
     predict = commands.add_parser("predict", help="label + probability per image")
     predict.add_argument("images", nargs="+", metavar="IMAGE")
@@ -222,6 +294,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except user_errors() as exc:
         print(f"genderid {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what the command started has been stopped on the way out
+        print(f"genderid {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

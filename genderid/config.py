@@ -319,12 +319,10 @@ def model_config_from_dict(values: Any) -> ModelConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config file (or only the defaults when ``path`` is None) and apply overrides."""
+    """Load a YAML config file or a named config (or only the defaults when ``path`` is None); apply overrides."""
     values: Optional[dict] = None
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = config_location(path)
         try:
             values = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
@@ -332,6 +330,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config_from_dict(values, overrides)
 
 
+# The named configs ship in the package (``jobs/configs`` in the repository is a link to this folder).
+NAMED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def named_configs() -> list[str]:
+    """The names of the configs that ship with the package (``tiny``, ``cpu``, ...)."""
+    return sorted(p.stem for p in NAMED_CONFIGS.glob("*.yaml"))
+
+
 def named_config_path(name: str) -> Path:
-    """Path of a named config in ``jobs/configs/`` (e.g. ``tiny``)."""
-    return Path(__file__).resolve().parent.parent / "jobs" / "configs" / f"{name}.yaml"
+    """Path of a named config (e.g. ``tiny``); a :class:`ConfigError` naming the others when there is none."""
+    path = NAMED_CONFIGS / f"{name}.yaml"
+    if "/" in name or not path.is_file():
+        raise ConfigError(f"no named config {name!r}; the named configs are: {', '.join(named_configs())}")
+    return path
+
+
+def config_location(value: str | Path) -> Path:
+    """A config file's path, or a named config's (``--config cpu``): a file that exists wins."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    if path.suffix == "" and path.name == str(value) and (NAMED_CONFIGS / f"{value}.yaml").is_file():
+        return NAMED_CONFIGS / f"{value}.yaml"
+    raise ConfigError(f"config file {value} does not exist (named configs: {', '.join(named_configs())})")

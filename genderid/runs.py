@@ -104,8 +104,9 @@ def _finite(value: Any) -> bool:
 
 
 def write_best(run: str, kind: str, checkpoint: str, params: Optional[dict] = None,
-               trial_id: Optional[str] = None) -> dict:
-    """Write ``<run>/best.json`` for ``checkpoint`` after checking that it exists and is a checkpoint.
+               trial_id: Optional[str] = None, file: str = BEST_FILE) -> dict:
+    """Write ``<run>/best.json`` (or another pointer ``file`` of the same schema, such as the demo's
+    ``latest.json``) for ``checkpoint`` after checking that it exists and is a checkpoint.
 
     Metrics and config come from the checkpoint's own ``meta.json``, so the pointer can never describe another
     model than the one it names.
@@ -115,7 +116,7 @@ def write_best(run: str, kind: str, checkpoint: str, params: Optional[dict] = No
     meta = read_meta(checkpoint)  # raises CheckpointError when it is not there
     best = {"kind": kind, "checkpoint": checkpoint, "metrics": meta.get("metrics", {}),
             "config": meta.get("config", {}), "params": dict(params or {}), "trial_id": trial_id}
-    storage.write_bytes(path(run, BEST_FILE), json.dumps(best, indent=2, default=float).encode())
+    storage.write_bytes(path(run, file), json.dumps(best, indent=2, default=float).encode())
     return best
 
 
@@ -132,3 +133,59 @@ def read_best(uri: str) -> dict:
         if not isinstance(best.get(key, {}), dict):
             raise CheckpointError(f"{uri}: '{key}' must be an object")
     return best
+
+
+# Folders inside a run that are never runs themselves (listing does not descend into them).
+_RUN_INTERNALS = (TUNE_DIR, TRIALS_DIR)
+
+
+def _describe(folder: str, name: str, names: list[str]) -> Optional[dict]:
+    """One row of :func:`list_runs` for the folder ``name``, or None when it is not a run or a sweep."""
+    row = {"name": name, "location": folder, "kind": None, "when": None, "val_accuracy": None, "val_loss": None,
+           "checkpoint": None, "finished": False}
+    if BEST_FILE in names:  # written last: the run finished
+        try:
+            best = read_best(path(folder, BEST_FILE))
+        except CheckpointError as exc:
+            return {**row, "kind": "unknown", "error": str(exc)}
+        metrics = best.get("metrics", {})
+        row.update(kind=best.get("kind") if best.get("kind") in KINDS else "train", finished=True,
+                   checkpoint=best["checkpoint"], val_accuracy=metrics.get("val_accuracy"),
+                   val_loss=metrics.get("val_loss"), when=storage.modified(path(folder, BEST_FILE)))
+        return row
+    if SWEEP_CONFIG_FILE in names or TUNE_DIR in names:
+        row.update(kind="sweep", when=storage.modified(path(folder, SWEEP_CONFIG_FILE)))
+        return row
+    if HISTORY_FILE in names or any(n.startswith(CHECKPOINT_PREFIX) for n in names):
+        row.update(kind="train", when=storage.modified(path(folder, HISTORY_FILE)))
+        return row
+    return None
+
+
+def list_runs(storage_path: str, max_depth: int = 3) -> list[dict]:
+    """The train runs and sweeps under ``storage_path`` (local or ``s3://``), newest first.
+
+    Each: ``name`` (its path under ``storage_path``), ``kind``, ``when`` (seconds since the epoch: when
+    ``best.json`` was written, else the run's last progress), ``val_accuracy`` and ``val_loss`` of its best
+    checkpoint, ``checkpoint``, ``finished`` (``best.json`` exists). Folders that are not runs (a demo's workdir)
+    are searched down to ``max_depth`` levels; a run's own insides (trials, Tune state) are not.
+    """
+    root = storage_root(storage_path)
+    found: list[dict] = []
+
+    def walk(folder: str, prefix: str, depth: int) -> None:
+        for name in storage.list_names(folder):
+            child = storage.join(folder, name)
+            if name in _RUN_INTERNALS or name.startswith(CHECKPOINT_PREFIX) or not storage.is_dir(child):
+                continue
+            names = storage.list_names(child)
+            if not names:
+                continue
+            row = _describe(child, f"{prefix}{name}", names)
+            if row is not None:
+                found.append(row)
+            elif depth < max_depth:
+                walk(child, f"{prefix}{name}/", depth + 1)
+
+    walk(root, "", 1)
+    return sorted(found, key=lambda r: r["when"] or 0.0, reverse=True)

@@ -9,7 +9,8 @@ from typing import Optional
 import yaml
 
 APP_NAME = "genderid"
-DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
+# Ships in the package (the repository's serve_config.yaml is a link to it), so an installed wheel has it too.
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent / "serve_config.yaml"
 
 
 def _app(config: dict) -> dict:

@@ -10,6 +10,7 @@ import os
 import posixpath
 import uuid
 from pathlib import Path
+from typing import Optional
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -99,6 +100,21 @@ def write_bytes(uri: str, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def is_dir(uri: str) -> bool:
+    """A folder (locally), or a prefix with objects under it (S3)."""
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def modified(uri: str) -> Optional[float]:
+    """Last-modified time (seconds since the epoch) of the file at ``uri``; None when there is none."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound or info.mtime is None:
+        return None
+    return info.mtime.timestamp()
 
 
 def list_names(uri: str) -> list[str]:

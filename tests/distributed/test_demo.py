@@ -1,38 +1,109 @@
 """The quick start's `./run demo`, end to end with small settings, joined to the shared cluster."""
 import json
+import signal
 import subprocess
+import time
 
 import pytest
 
 from conftest import REPO, free_port
 
 pytestmark = pytest.mark.ray
+SMALL = ["tune.num_samples=2", "tune.max_epochs=1", "tune.unfreeze_depth=[5]", "train.epochs=3"]
+TINY = ["tune.num_samples=1", "tune.max_epochs=1", "tune.unfreeze_depth=[5]", "train.epochs=1"]
 
 
-def test_run_demo_end_to_end_predicts_over_http_and_shuts_serve_down(local_cluster, ray_cluster, tmp_path):
-    workdir, port = tmp_path / "demo", free_port()
+def demo(local_cluster, workdir, port, *args, timeout=900, **popen):
     # RAY_ADDRESS: the demo joins the session's cluster instead of starting a second one on this host.
     env = {**local_cluster.env(), "RAY_ADDRESS": local_cluster.address, "PYTHONUNBUFFERED": "1"}
-    run = subprocess.run([str(REPO / "run"), "demo", "--workdir", str(workdir), "--n", "300", "--port", str(port),
-                          "tune.num_samples=2", "tune.max_epochs=1", "tune.unfreeze_depth=[5]", "train.epochs=3"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    command = [str(REPO / "run"), "demo", "--workdir", str(workdir), "--n", "300", "--port", str(port), *args]
+    if popen:
+        return subprocess.Popen(command, cwd=REPO, env=env, text=True, **popen)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_ids(workdir):
+    return sorted(p.name for p in workdir.iterdir() if (p / "run.json").is_file())
+
+
+@pytest.fixture(scope="module")
+def first_run(local_cluster, ray_cluster, tmp_path_factory):
+    workdir, port = tmp_path_factory.mktemp("demo-runs") / "demo", free_port()
+    run = demo(local_cluster, workdir, port, *SMALL)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["endpoint"] == f"http://127.0.0.1:{port}"
+    [run_id] = run_ids(workdir)
+    return {"workdir": workdir, "port": port, "run": run, "run_id": run_id}
+
+
+def test_run_demo_end_to_end_predicts_over_http_and_shuts_serve_down(first_run):
+    workdir, port, run, run_id = (first_run[k] for k in ("workdir", "port", "run", "run_id"))
+    folder = workdir / run_id
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["run_id"] == run_id and summary["endpoint"] == f"http://127.0.0.1:{port}"
     assert summary["test_metrics"]["split"] == "test" and summary["test_metrics"]["accuracy"] > 0.6
     assert len(summary["predictions"]) == 4
     for prediction in summary["predictions"]:  # answered by the endpoint: it carries the served model's version
         assert prediction["label"] in ("male", "female") and len(prediction["model_version"]) == 12
-    assert (workdir / "sweep" / "results.csv").is_file() and (workdir / "report" / "report.json").is_file()
-    card = (workdir / "report" / "MODEL_CARD.md").read_text()  # the demo leaves a model card behind
-    assert "## Calibration" in card and "## Limits" in card
-    for prediction in summary["predictions"]:
         assert isinstance(prediction["uncertain"], bool)
-    assert json.loads((workdir / "train" / "best.json").read_text())["checkpoint"] == \
-        summary["outputs"]["best_checkpoint"]
-    for text in ("step 3/7: Tune sweep", "trial_id | config/lr", "step 4/7: train", "[demo] summary",
-                 f"try it in a browser: http://127.0.0.1:{port}/", "model card:", "shut down cleanly"):
+    assert (folder / "sweep" / "results.csv").is_file() and (folder / "report" / "report.json").is_file()
+    card = (folder / "report" / "MODEL_CARD.md").read_text()  # the demo leaves a model card behind
+    assert "## Calibration" in card and "## Limits" in card
+    best = json.loads((folder / "train" / "best.json").read_text())["checkpoint"]
+    assert best == summary["outputs"]["best_checkpoint"]
+    assert json.loads((workdir / "latest.json").read_text())["checkpoint"] == best  # what serve_config.yaml serves
+    for text in (f"[demo] run {run_id}", "step 3/7: Tune sweep", "trial_id | config/lr", "step 4/7: train",
+                 "[demo] summary", f"try it in a browser: http://127.0.0.1:{port}/", "model card:",
+                 "shut down cleanly"):
         assert text in run.stdout, text
     from ray import serve
 
     assert "genderid" not in serve.status().applications  # the demo started Serve, so it stopped it
+
+
+def test_a_second_demo_is_a_fresh_run_an_interrupted_one_resumes_and_a_wrong_port_is_refused(
+        first_run, local_cluster):
+    workdir, first_id = first_run["workdir"], first_run["run_id"]
+    first_results = (workdir / first_id / "sweep" / "results.csv").read_bytes()
+    port = free_port()
+    # Interrupted (Ctrl-C) while it prepares: it says how to continue and stops what it started.
+    process = demo(local_cluster, workdir, port, *TINY, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = []
+    deadline = time.time() + 300
+    for line in process.stdout:
+        seen.append(line)
+        if "step 2/7" in line or time.time() > deadline:
+            break
+    process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    output = "".join(seen) + rest
+    assert process.returncode == 130 and "Traceback" not in output
+    second_id = next(i for i in run_ids(workdir) if i != first_id)
+    assert f"stopped before the end; run {second_id} can be continued with --resume {second_id}" in output
+    assert "shut down cleanly" in output
+    # Continued by name: the same folder, said so; the first run's results are untouched.
+    resumed = demo(local_cluster, workdir, port, "--resume", second_id, *TINY)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"[demo] resuming run {second_id}" in resumed.stdout
+    assert run_ids(workdir) == sorted([first_id, second_id])
+    summary = json.loads((workdir / second_id / "summary.json").read_text())
+    assert summary["run_id"] == second_id and summary["outputs"]["run"] == str(workdir / second_id)
+    results = (workdir / second_id / "sweep" / "results.csv").read_text().strip().splitlines()
+    assert len(results) == 2  # a header and its one trial: nothing of the first run's sweep
+    assert (workdir / first_id / "sweep" / "results.csv").read_bytes() == first_results
+    latest = json.loads((workdir / "latest.json").read_text())["checkpoint"]
+    assert latest == summary["outputs"]["best_checkpoint"] and latest.startswith(str(workdir / second_id))
+    # A run that is not there, and a port Serve is not on: one line each, nothing started.
+    missing = demo(local_cluster, workdir, port, "--resume", "19990101-000000")
+    assert missing.returncode == 2 and "no such demo run" in missing.stderr and first_id in missing.stderr
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        other = free_port()
+        refused = demo(local_cluster, workdir, other, *TINY)
+        assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+        assert f"Serve is already running on this cluster with HTTP port {port}" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert run_ids(workdir) == sorted([first_id, second_id])  # refused before anything was made
+    finally:
+        serve.shutdown()

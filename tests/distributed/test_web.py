@@ -66,10 +66,10 @@ def page_endpoint(local_cluster, ray_cluster, tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("web")
     # GENDERID_WEB_CHECKPOINT: serve a trained model instead (how the README's screenshot was made).
-    checkpoint = os.environ.get("GENDERID_WEB_CHECKPOINT") or save_checkpoint(folder / "checkpoint", GenderNet(width=0.1, batch_norm=True, head_hidden=16).eval(),
-                                 preprocessing=Preprocessing(image_size=(64, 52)),
-                                 calibration=Calibration(temperature=1.5, confidence_threshold=0.6,
-                                                         target_accuracy=0.99, fitted_on="val"))
+    checkpoint = os.environ.get("GENDERID_WEB_CHECKPOINT") or save_checkpoint(
+        folder / "checkpoint", GenderNet(width=0.1, batch_norm=True, head_hidden=16).eval(),
+        preprocessing=Preprocessing(image_size=(64, 52)),
+        calibration=Calibration(temperature=1.5, confidence_threshold=0.6, target_accuracy=0.99, fitted_on="val"))
     port = free_port()
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port

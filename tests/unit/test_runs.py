@@ -117,3 +117,65 @@ def test_a_checkpoint_rebuilds_from_its_model_config_and_refuses_a_bad_descripti
         (directory / "meta.json").write_text(json.dumps(meta))
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(str(directory))
+
+
+def _storage_with_runs(root):
+    """A storage path holding: a finished train run, an unfinished one, an unfinished sweep, a finished sweep inside
+    a demo-style workdir, and folders that are no run."""
+    import time
+
+    torch.manual_seed(0)
+    model = GenderNet(width=0.1, head_hidden=8)
+    done = root / "finished-run"
+    checkpoint = save_checkpoint(done / "checkpoint_000", model, preprocessing=Preprocessing(image_size=(32, 32)),
+                                 metrics={"val_accuracy": 0.91, "val_loss": 0.3}, epoch=2)
+    runs.write_best(str(done), "train", str(checkpoint))
+    time.sleep(0.05)
+    (root / "stopped-run").mkdir()
+    (root / "stopped-run" / runs.HISTORY_FILE).write_text("[]")
+    (root / "stopped-sweep" / runs.TUNE_DIR).mkdir(parents=True)
+    (root / "stopped-sweep" / runs.SWEEP_CONFIG_FILE).write_text("{}")
+    sweep = root / "demo" / "sweep"
+    sweep.mkdir(parents=True)
+    time.sleep(0.05)
+    runs.write_best(str(sweep), "sweep", str(checkpoint), params={"lr": 0.01}, trial_id="t1")
+    (root / "demo" / "samples").mkdir()
+    (root / "demo" / "samples" / "1.jpg").write_bytes(b"x")
+    (root / "notes.txt").write_text("not a run")
+    return str(checkpoint)
+
+
+def test_runs_lists_runs_and_sweeps_newest_first_with_their_best_checkpoint(tmp_path):
+    checkpoint = _storage_with_runs(tmp_path)
+    rows = {row["name"]: row for row in runs.list_runs(str(tmp_path))}
+    assert set(rows) == {"finished-run", "stopped-run", "stopped-sweep", "demo/sweep"}
+    assert rows["finished-run"] | {"when": None} == {
+        "name": "finished-run", "location": str(tmp_path / "finished-run"), "kind": "train", "when": None,
+        "val_accuracy": 0.91, "val_loss": 0.3, "checkpoint": checkpoint, "finished": True}
+    assert rows["demo/sweep"]["kind"] == "sweep" and rows["demo/sweep"]["finished"]
+    assert (rows["stopped-run"]["kind"], rows["stopped-run"]["finished"]) == ("train", False)
+    assert (rows["stopped-sweep"]["kind"], rows["stopped-sweep"]["finished"]) == ("sweep", False)
+    assert [r["name"] for r in runs.list_runs(str(tmp_path))][0] == "demo/sweep"  # newest first
+    assert runs.list_runs(str(tmp_path / "nothing-here")) == []
+
+
+def test_runs_reads_an_s3_storage_path_and_the_cli_prints_it(s3_server, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import upload_folder
+
+    checkpoint = _storage_with_runs(tmp_path / "local")
+    uri = upload_folder(tmp_path / "local", f"s3://{s3_server['bucket']}/runs-listing")
+    rows = runs.list_runs(uri)
+    assert {r["name"] for r in rows} == {"finished-run", "stopped-run", "stopped-sweep", "demo/sweep"}
+    assert all(r["when"] for r in rows if r["finished"])
+    run = subprocess.run([sys.executable, "-m", "genderid", "runs", str(tmp_path / "local")], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].split()[:3] == ["name", "kind", "when"] and len(lines) == 5
+    assert any(line.startswith("finished-run") and checkpoint in line for line in lines)
+    listed = subprocess.run([sys.executable, "-m", "genderid", "runs", str(tmp_path / "local"), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert {r["name"] for r in json.loads(listed.stdout)} == {r["name"] for r in rows}
