@@ -8,7 +8,11 @@ Part 2: one replica (serve_config.yaml, autoscaling pinned to 1 replica, the sam
 Part 3: the shipped serve_config.yaml as it is (autoscaling on) at concurrency 8, 32 and 64, and far past its
         queue (concurrency 512): requests/s of 200 answers, latency, and how fast the excess gets its 503.
 
-    python benchmarks/serve_throughput.py [--width 0.25] [--size 108x88] [--seconds 8]
+    python benchmarks/serve_throughput.py [--width 0.25] [--size 108x88] [--seconds 8] [--no-pin]
+
+With --pin (the default) the raw predictor of part 1 and the replica of part 2 run on the same dedicated core (the
+last), and everything else (Serve's proxy, Ray's processes, this load generator) on the others: the same CPU budget
+for both, as the comparison needs. Part 3 is not pinned.
 
 The load generator is one asyncio process (aiohttp, which ships with Ray): it costs little CPU next to the
 replica, unlike a thread per client. Prints a Markdown section to paste into benchmarks/RESULTS.md.

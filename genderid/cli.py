@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="genderid", description="Train, tune and serve a CelebA gender classifier "
                                                                    "on Ray.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own logs on the console too (also GENDERID_LOG=debug)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="the main job end to end on synthetic (or --celeba) data")
@@ -289,6 +291,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        from genderid.console import set_verbose
+
+        set_verbose()
     try:
         return args.handler(args)
     except user_errors() as exc:

@@ -98,8 +98,8 @@ def _check_port(port: int) -> None:
 
 
 def run_demo(workdir: str = DEFAULT_WORKDIR, celeba: Optional[str] = None, n: int = 800,
-             config_path: Optional[str] = None, overrides: Sequence[str] = (), port: int = 8000, keep_serving: bool = False,
-             serve_config: Optional[str] = None, resume: Optional[str] = None) -> dict:
+             config_path: Optional[str] = None, overrides: Sequence[str] = (), port: int = 8000,
+             keep_serving: bool = False, serve_config: Optional[str] = None, resume: Optional[str] = None) -> dict:
     """Run the whole job as a fresh run in ``workdir`` (or continue the run ``resume``); returns the summary that is
     also printed and written to ``<workdir>/<run id>/summary.json``. Whatever the demo started (Ray, Serve) it stops
     again, also when a step fails or on Ctrl-C."""
@@ -152,7 +152,7 @@ def run_demo(workdir: str = DEFAULT_WORKDIR, celeba: Optional[str] = None, n: in
                 pass
         return summary
     finally:
-        if not finished:
+        if not finished and (run_path / RUN_FILE).is_file():
             print(f"[demo] stopped before the end; run {run_id} can be continued with --resume {run_id}", flush=True)
         _shutdown(owns_serve, owns_ray, progress["deployed"])
 

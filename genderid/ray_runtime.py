@@ -14,3 +14,6 @@ def init_ray(**kwargs) -> None:
     # by the dashboard) whether a finished run's controller is gone; without it the group is never released and
     # the next Tune trial waits for CPUs forever.
     ray.init(**kwargs)
+    from genderid.console import quiet_ray
+
+    quiet_ray()

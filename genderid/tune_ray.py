@@ -16,7 +16,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from genderid import runs, search, storage
+from genderid import console, runs, search, storage
 from genderid.checkpoint import CheckpointError
 from genderid.config import Config, ConfigError, config_from_dict
 from genderid.report import plot_sweep
@@ -191,7 +191,9 @@ def build_tuner(config: Config, sweep_dir: str, resources: dict, hooks: Optional
         trainable, param_space=search_space(config),
         tune_config=TuneConfig(metric=config.tune.metric, mode=config.tune.mode, num_samples=config.tune.num_samples,
                                max_concurrent_trials=concurrency(config, resources), scheduler=scheduler),
-        run_config=RunConfig(name=runs.TUNE_DIR, storage_path=sweep_dir, callbacks=[OrphanReaper()]),
+        # verbose 0: the sweep's table is printed by us when it ends; --verbose brings Tune's live status back.
+        run_config=RunConfig(name=runs.TUNE_DIR, storage_path=sweep_dir, callbacks=[OrphanReaper()],
+                             verbose=2 if console.verbose() else 0),
     )
 
 

@@ -71,6 +71,25 @@ def face_scenes(real_celeba):
     return made
 
 
+def write_celeba_folder(folder: Path, photos) -> Path:
+    """A folder in the official CelebA layout from ``(PIL image, male, split)`` triples (named 000001.jpg, ...)."""
+    from genderid import celeba
+
+    (folder / celeba.IMAGE_DIR).mkdir(parents=True)
+    rows = []
+    for i, (photo, male, split) in enumerate(photos):
+        name = f"{i + 1:06d}.jpg"
+        photo.save(folder / celeba.IMAGE_DIR / name, quality=95)
+        rows.append((name, male, split))
+    names = celeba.ATTRIBUTES
+    attr = [str(len(rows)), " ".join(names)] + [
+        f"{n} " + " ".join("1" if (a == "Male" and m) else "-1" for a in names) for n, m, _ in rows]
+    (folder / celeba.ATTR_FILE).write_text("\n".join(attr) + "\n")
+    (folder / celeba.PARTITION_FILE).write_text("".join(f"{n} {s}\n" for n, _, s in rows))
+    (folder / celeba.IDENTITY_FILE).write_text("".join(f"{n} {k}\n" for k, (n, _, _) in enumerate(rows)))
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -60,6 +60,17 @@ def test_run_demo_end_to_end_predicts_over_http_and_shuts_serve_down(first_run):
     assert "genderid" not in serve.status().applications  # the demo started Serve, so it stopped it
 
 
+def test_the_demo_console_is_ours_not_rays(first_run):
+    """Fewer than 150 lines, none twice in a row, no Traceback or ERROR: Ray's internals stay in its log files."""
+    lines = (first_run["run"].stdout + first_run["run"].stderr).splitlines()
+    assert len(lines) < 150, "\n".join(lines)
+    repeated = [a for a, b in zip(lines, lines[1:]) if a.strip() and a == b]
+    assert repeated == []
+    assert not [line for line in lines if "Traceback" in line or "ERROR" in line]
+    epochs = [line for line in lines if line.startswith("[train] epoch")]
+    assert len(epochs) == len(set(epochs)) >= 3  # every epoch line once (the final run's 3, and the sweep's)
+
+
 def test_a_second_demo_is_a_fresh_run_an_interrupted_one_resumes_and_a_wrong_port_is_refused(
         first_run, local_cluster):
     workdir, first_id = first_run["workdir"], first_run["run_id"]

@@ -136,25 +136,18 @@ def test_prepare_align_stores_aligned_faces_and_counts_photos_without_one(real_f
 
     front = FaceFrontEnd()
     detectable = [(face, male) for face, male in real_faces if front.faces(face.resize(TEMPLATE_FRAME))][:6]
-    folder = tmp_path / "photos"
-    (folder / celeba.IMAGE_DIR).mkdir(parents=True)
+    from conftest import write_celeba_folder
+
     rng = np.random.default_rng(2)
-    rows = []
+    photos = []
     for i in range(9):
-        name = f"{i + 1:06d}.jpg"
         if i < 6:
             face, male = detectable[i]
-            scene = compose(rng, [face], [male], face_width=(90, 140), max_angle=5)
+            photos.append((compose(rng, [face], [male], face_width=(90, 140), max_angle=5).photo, male, i % 3))
         else:
-            scene, male = compose(rng, [], []), i % 2
-        scene.photo.save(folder / celeba.IMAGE_DIR / name, quality=95)
-        rows.append((name, male, i % 3))
-    names = celeba.ATTRIBUTES
-    attr = [str(len(rows)), " ".join(names)] + [
-        f"{n} " + " ".join("1" if (a == "Male" and m) else "-1" for a in names) for n, m, _ in rows]
-    (folder / celeba.ATTR_FILE).write_text("\n".join(attr) + "\n")
-    (folder / celeba.PARTITION_FILE).write_text("".join(f"{n} {s}\n" for n, _, s in rows))
-    (folder / celeba.IDENTITY_FILE).write_text("".join(f"{n} {k}\n" for k, (n, _, _) in enumerate(rows)))
+            photos.append((compose(rng, [], []).photo, i % 2, i % 3))
+    folder = write_celeba_folder(tmp_path / "photos", photos)
+    rows = [(f"{i + 1:06d}.jpg", None, None) for i in range(9)]
     index = celeba.read_celeba(str(folder))
     manifest = shards.prepare_dataset(index, celeba.official_split(index), str(tmp_path / "out"),
                                       {"recipe": "official"}, run_tasks=lambda fn, specs: [fn(s) for s in specs],

@@ -1,0 +1,73 @@
+"""What the driver's console shows: genderid's own progress and results, not Ray's internals. Ray glue.
+
+By default the lines that Ray forwards from its workers and daemons (raylet warnings, GCS notices, Data execution
+plans, every worker's stray output) are not printed; only genderid's own progress lines are, once each, without
+Ray's ``(RayTrainWorker pid=...)`` prefix, and Ray's ``tqdm_ray`` progress bars still render. Ray's Python loggers
+print errors only. ``--verbose`` or ``GENDERID_LOG=debug`` restores all of it. Either way Ray's log files under its
+session folder get everything, as usual.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+LOG_ENV = "GENDERID_LOG"
+# Lines our workers print for the user (train_ray's epoch lines, tune_ray's resume notice).
+OWN_PREFIXES = ("[train]", "[tune]")
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+HANDLER = "genderid_console"
+
+_printed: set[str] = set()
+_lock = threading.Lock()
+
+
+def verbose() -> bool:
+    """Ray's own logs on the console too (``--verbose`` sets ``GENDERID_LOG=debug``)."""
+    return os.environ.get(LOG_ENV, "").strip().lower() in ("debug", "verbose")
+
+
+def set_verbose() -> None:
+    os.environ[LOG_ENV] = "debug"  # children (Ray Jobs, the demo's subprocesses) inherit it
+
+
+def own_lines(lines, printed: set[str]) -> list[str]:
+    """The lines of a forwarded batch that the console shows: genderid's own, each text once. Pure."""
+    shown = []
+    for line in lines:
+        text = line.strip()
+        if text.startswith(OWN_PREFIXES) and text not in printed:
+            printed.add(text)
+            shown.append(text)
+    return shown
+
+
+def _print_own(data: dict) -> None:
+    from ray._private.worker import RAY_TQDM_MAGIC, print_worker_logs
+
+    lines = data.get("lines", [])
+    bars = [line for line in lines if RAY_TQDM_MAGIC in line]
+    if bars:  # Ray's own tqdm_ray bars: let Ray draw them
+        print_worker_logs({**data, "lines": bars}, sys.stdout)
+    with _lock:
+        shown = own_lines(lines, _printed)
+    for text in shown:
+        print(text, flush=True)
+
+
+def quiet_ray() -> None:
+    """After ``ray.init``: keep Ray's forwarded logs and its loggers off the console (unless verbose)."""
+    if verbose():
+        return
+    import ray.data  # noqa: F401  (configures its loggers on import: import it first, then quiet them)
+
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # a Ray without the dispatcher: its logs stay on, nothing breaks
+        return
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler(HANDLER)
+    dispatcher.add_handler(HANDLER, _print_own)
