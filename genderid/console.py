@@ -8,6 +8,7 @@ session folder get everything, as usual.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ HANDLER = "genderid_console"
 
 _printed: set[str] = set()
 _lock = threading.Lock()
+_console = sys.stdout  # where our lines go, even while Ray's own prints are silenced (see silence_prints)
 
 
 def verbose() -> bool:
@@ -53,7 +55,30 @@ def _print_own(data: dict) -> None:
     with _lock:
         shown = own_lines(lines, _printed)
     for text in shown:
-        print(text, flush=True)
+        print(text, file=_console, flush=True)
+
+
+def _drop_daemon_notices(original):
+    """Ray prints its daemons' notices (raylet worker-pool warnings, retried tasks) with this function, outside the
+    dispatcher; keep them in the log files only."""
+    def print_to_stdstream(data, ignore_prefix: bool = False):
+        if data.get("pid") in ("raylet", "autoscaler"):
+            return
+        original(data, ignore_prefix=ignore_prefix)
+
+    print_to_stdstream.genderid_quiet = True
+    return print_to_stdstream
+
+
+@contextlib.contextmanager
+def silence_prints():
+    """Drop what is printed to stdout inside the block (Tune's experiment banner and status tables), unless
+    verbose; our forwarded lines still reach the console."""
+    if verbose():
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 def quiet_ray() -> None:
@@ -68,6 +93,12 @@ def quiet_ray() -> None:
         from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:  # a Ray without the dispatcher: its logs stay on, nothing breaks
         return
+    global _console
+    _console = sys.stdout
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler(HANDLER)
     dispatcher.add_handler(HANDLER, _print_own)
+    import ray._private.worker as ray_worker
+
+    if not getattr(ray_worker.print_to_stdstream, "genderid_quiet", False):
+        ray_worker.print_to_stdstream = _drop_daemon_notices(ray_worker.print_to_stdstream)

@@ -9,11 +9,11 @@ def init_ray(**kwargs) -> None:
     if ray.is_initialized():
         return
     # Ray 2.60 logs its own progress; keep the driver's console for ours and the Data progress bars.
-    kwargs.setdefault("logging_level", "WARNING")
+    from genderid.console import quiet_ray, verbose
+
+    kwargs.setdefault("logging_level", "INFO" if verbose() else "ERROR")
     # The dashboard stays on even for a local Ray: Train V2's placement-group cleaner asks the State API (served
     # by the dashboard) whether a finished run's controller is gone; without it the group is never released and
     # the next Tune trial waits for CPUs forever.
     ray.init(**kwargs)
-    from genderid.console import quiet_ray
-
     quiet_ray()

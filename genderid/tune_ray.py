@@ -219,6 +219,7 @@ def run_sweep(config: Config, hooks: Optional[TrainHooks] = None) -> tuple[list[
                             json.dumps(config.to_dict(), indent=2).encode())
     else:
         print(f"[tune] resuming sweep {config.storage.name!r} from {sweep_dir}", flush=True)
-    grid = tuner.fit()
+    with console.silence_prints():  # Tune's banner and status tables; the results table is printed after
+        grid = tuner.fit()
     rows = summarise(grid, config, sweep_dir)
     return rows, write_results(rows, config, sweep_dir)
