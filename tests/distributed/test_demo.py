@@ -108,9 +108,18 @@ def test_a_second_demo_is_a_fresh_run_an_interrupted_one_resumes_and_a_wrong_por
     assert missing.returncode == 2, missing.stdout[-2000:] + missing.stderr[-2000:]
     assert "no such demo run" in missing.stderr and first_id in missing.stderr
     from ray import serve
+    from ray.serve.context import _disconnect
 
+    # This process still holds a handle on the Serve controller that a demo above has since shut down; with it,
+    # serve.start() would "connect to the existing Serve" and start nothing. Forget it (Serve itself is untouched).
+    _disconnect()
     serve_port = free_port()  # not the port the demos just released: its old proxy may still hold it a moment
     serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    import ray
+
+    ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)  # Serve really runs now
     try:
         refused = demo(local_cluster, workdir, free_port(), *TINY)
         assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
