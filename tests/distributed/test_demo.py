@@ -2,6 +2,7 @@
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -13,12 +14,18 @@ SMALL = ["tune.num_samples=2", "tune.max_epochs=1", "tune.unfreeze_depth=[5]", "
 TINY = ["tune.num_samples=1", "tune.max_epochs=1", "tune.unfreeze_depth=[5]", "train.epochs=1"]
 
 
+# Runs a command with Ctrl-C's default action, as in a terminal: a test session started in the background (CI
+# runners often are) passes SIGINT on as "ignored", and a Python started that way never raises KeyboardInterrupt.
+WITH_CTRL_C = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+               "os.execv(sys.argv[1], sys.argv[1:])")
+
+
 def demo(local_cluster, workdir, port, *args, timeout=900, **popen):
     # RAY_ADDRESS: the demo joins the session's cluster instead of starting a second one on this host.
     env = {**local_cluster.env(), "RAY_ADDRESS": local_cluster.address, "PYTHONUNBUFFERED": "1"}
     command = [str(REPO / "run"), "demo", "--workdir", str(workdir), "--n", "300", "--port", str(port), *args]
     if popen:
-        return subprocess.Popen(command, cwd=REPO, env=env, text=True, **popen)
+        return subprocess.Popen([sys.executable, "-c", WITH_CTRL_C, *command], cwd=REPO, env=env, text=True, **popen)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
