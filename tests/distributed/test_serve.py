@@ -421,8 +421,23 @@ def metric_totals(local_cluster) -> dict:
     return totals
 
 
+def settled_totals(local_cluster, quiet_s=12.0, timeout=90.0) -> dict:
+    """The metric totals once nothing has changed for ``quiet_s`` (longer than Ray's report period): requests of
+    earlier tests whose counts are still on their way must not land in this test's deltas."""
+    deadline = time.time() + timeout
+    last, since = metric_totals(local_cluster), time.time()
+    while time.time() < deadline:
+        time.sleep(2)
+        now = metric_totals(local_cluster)
+        if now != last:
+            last, since = now, time.time()
+        elif time.time() - since >= quiet_s:
+            return now
+    return last
+
+
 def test_application_metrics_reach_rays_prometheus_endpoint_with_the_right_counts(endpoint, local_cluster, model):
-    before = metric_totals(local_cluster)
+    before = settled_totals(local_cluster)
     good = [post(endpoint["url"], image) for image in model["images"][:3]]
     labels = [a.json()["label"] for a in good]
     assert post(endpoint["url"], b"hello", "text/plain").status_code == 415
