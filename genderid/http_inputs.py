@@ -5,6 +5,7 @@ Every request is checked and decoded here, before it may join a batch, so a bad 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -125,23 +126,26 @@ def accepted_format(data: bytes, what: str = "image") -> str:
     return kind
 
 
-def decode_photo(data: bytes, limits: Limits, what: str = "photo") -> Image.Image:
-    """A whole uploaded photo (RGB, EXIF orientation applied, full size within ``max_pixels``) for face detection."""
-    kind = accepted_format(data, what)
+@contextlib.contextmanager
+def _as_request_errors(what: str):
+    """A decode's image errors as the HTTP answers they are: too large -> 413, undecodable -> 400."""
     try:
-        return open_image(data, max_pixels=limits.max_pixels, formats=(kind,))
+        yield
     except ImageTooLargeError as exc:
         raise RequestError(413, f"{what}: {exc}") from None
     except ImageDecodeError as exc:
         raise RequestError(400, f"{what}: {exc}") from None
+
+
+def decode_photo(data: bytes, limits: Limits, what: str = "photo") -> Image.Image:
+    """A whole uploaded photo (RGB, EXIF orientation applied, full size within ``max_pixels``) for face detection."""
+    kind = accepted_format(data, what)
+    with _as_request_errors(what):
+        return open_image(data, max_pixels=limits.max_pixels, formats=(kind,))
 
 
 def decode_upload(data: bytes, preprocessing: Preprocessing, limits: Limits, what: str = "image") -> np.ndarray:
     """One uploaded image -> the model's CHW float32 input, or a :class:`RequestError` (400 / 413 / 415)."""
     kind = accepted_format(data, what)
-    try:
+    with _as_request_errors(what):
         return preprocessing(data, max_pixels=limits.max_pixels, formats=(kind,))
-    except ImageTooLargeError as exc:
-        raise RequestError(413, f"{what}: {exc}") from None
-    except ImageDecodeError as exc:
-        raise RequestError(400, f"{what}: {exc}") from None
