@@ -43,6 +43,7 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from genderid import tracking
     from genderid.train_ray import run_training
 
     config = _config(args)
@@ -55,30 +56,60 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         out = args.report_dir or f"{best['checkpoint'].rstrip('/')}-report"
         report = evaluate_checkpoint(best["checkpoint"], config.data.source, out, default_split(config.data.source))
+        tracking.log_report(config, out)
         print(f"{report['split']} accuracy {report['accuracy']:.4f}, AUC {report['auc']:.4f}; report: {out}")
+    if tracking.ui_command(config):
+        print(f"MLflow: {tracking.ui_command(config)}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from genderid import tracking
     from genderid.tune_ray import results_table, run_sweep
 
     config = _config(args)
     rows, best = run_sweep(config)
     print(results_table(rows, config.tune.metric))
     print(f"best trial checkpoint: {best['checkpoint']}")
+    if tracking.ui_command(config):
+        print(f"MLflow: {tracking.ui_command(config)}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from genderid.evaluate import evaluate_checkpoint
+    from genderid.runtime import RuntimeSettings
 
-    report = evaluate_checkpoint(args.checkpoint, args.data, args.out, split=args.split)
+    settings = RuntimeSettings(args.runtime, args.precision)
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.out, split=args.split, settings=settings)
+    compared = report["runtime"]
+    if "accuracy_change_points" in compared:
+        print(f"{settings.name}: accuracy {compared['accuracy']:.4f} vs torch fp32 "
+              f"{compared['torch_fp32_accuracy']:.4f} ({compared['accuracy_change_points']:+.2f} points); "
+              "labels equal to torch fp32 on "
+              f"{compared['labels_equal_to_torch_fp32']:.2%} of images")
     calibration = report["calibration"]
     print(f"{report['split']} split: accuracy {report['accuracy']:.4f}, balanced accuracy "
           f"{report['balanced_accuracy']:.4f}, AUC {report['auc']:.4f} on {report['count']} images; "
           f"ECE {calibration['ece_before']:.4f} before / {calibration['ece_after']:.4f} after calibration "
           f"(T = {calibration['temperature']:.3f}), {calibration['uncertain_share']:.1%} uncertain; "
           f"report and MODEL_CARD.md: {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from genderid import runtime
+    from genderid.checkpoint import load_checkpoint
+
+    settings = runtime.RuntimeSettings("onnxruntime", args.precision)
+    loaded = load_checkpoint(args.checkpoint)
+    if settings.precision == "int8" and not args.data:
+        raise runtime.RuntimeSettingError("--precision int8 calibrates on val images: add --data PREPARED")
+    calibration = runtime.val_batches(args.data, loaded.preprocessing) if args.data else None
+    model = runtime.build(loaded, settings, calibration_batches=calibration)
+    location = runtime.export_location(loaded.source, loaded.meta["weights_sha256"], settings)
+    print(f"{settings.name} model of {loaded.source} ({len(model) / 1e6:.1f} MB): {location}; serve it with "
+          f"args runtime: onnxruntime, precision: {settings.precision}")
     return 0
 
 
@@ -244,12 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. tune.num_samples=8")
     tune.set_defaults(handler=cmd_tune)
 
+    from genderid.runtime import PRECISIONS, RUNTIMES
+
     evaluate = commands.add_parser("evaluate", help="report.json + plots for a checkpoint on a prepared split")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory, s3:// URI or best.json")
     evaluate.add_argument("--data", required=True, help="prepared data set (path or s3://)")
     evaluate.add_argument("--out", required=True, help="output folder (path or s3://)")
     evaluate.add_argument("--split", choices=("test", "val", "train"), default="test")
+    evaluate.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                          help="what runs the model; other than torch fp32, the report compares it with torch fp32")
+    evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                          help="int8: onnxruntime, calibrated on --data's val images when not built yet")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    export = commands.add_parser("export", help="build a checkpoint's ONNX Runtime model (int8: calibrated on val "
+                                                "images), stored beside the checkpoint for serving")
+    export.add_argument("--checkpoint", required=True, help="checkpoint directory, s3:// URI or best.json")
+    export.add_argument("--data", help="prepared data set whose val images calibrate int8")
+    export.add_argument("--precision", choices=PRECISIONS, default="int8")
+    export.set_defaults(handler=cmd_export)
 
     config = commands.add_parser("config", help="the named configs that ship with genderid")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")

@@ -1,7 +1,7 @@
 """The one typed, validated configuration tree of genderid.
 
-A config is a YAML file with the sections ``data``, ``model``, ``train``, ``tune``, ``scaling`` and
-``storage``; each section is a dataclass below. Every key can be overridden on the command line as a dotted
+A config is a YAML file with the sections ``data``, ``model``, ``train``, ``tune``, ``scaling``, ``storage`` and
+``tracking``; each section is a dataclass below. Every key can be overridden on the command line as a dotted
 ``section.key=value`` pair. Unknown keys and invalid values raise :class:`ConfigError` naming the key.
 
 Nothing here imports Ray or torch: the config is read by every stage, including the pure ones.
@@ -121,6 +121,7 @@ class TuneConfig:
     max_epochs: int = 4
     grace_period: int = 1
     reduction_factor: int = 2
+    seed: int = 0  # seeds the sampling of the search space: the same seed gives the same trials' configs
 
     def validate(self) -> None:
         if self.num_samples < 1:
@@ -182,6 +183,23 @@ class StorageConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """MLflow experiment tracking (:mod:`genderid.tracking`): params, per-epoch metrics and artifacts of every
+    train run and sweep trial."""
+
+    enabled: bool = True
+    uri: str = ""  # an MLflow tracking server (or store URI); "" = a local store under storage.path (mlflow.db)
+    experiment: str = "genderid"  # the MLflow experiment that runs are logged into
+
+    def validate(self) -> None:
+        if not self.experiment.strip():
+            raise ConfigError("tracking.experiment: must not be empty")
+        if self.uri and ":" not in self.uri:
+            raise ConfigError(f"tracking.uri: must be a URI such as http://host:5000 or sqlite:///path/mlflow.db, "
+                              f"got {self.uri!r} (leave it empty for the local store under storage.path)")
+
+
+@dataclass
 class Config:
     """The whole tree; :func:`load_config` builds and validates it."""
 
@@ -191,6 +209,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):

@@ -45,17 +45,50 @@ def own_lines(lines, printed: set[str]) -> list[str]:
     return shown
 
 
+_worker_bars: dict = {}  # tqdm_ray bar id -> the driver's bar that draws it
+
+
+def draw_worker_bar(state: dict, bars: dict) -> None:
+    """Draw a ``tqdm_ray`` bar's state (sent by a worker as a magic line) as one of our bars, by its desc alone:
+    without Ray's ``(pid=...)`` prefix."""
+    from genderid import progress
+
+    key = state.get("uuid")
+    bar = bars.get(key)
+    if bar is None:
+        if state.get("closed"):
+            return
+        bar = bars[key] = progress.bar(state.get("total"), str(state.get("desc", "")), str(state.get("unit", "it")),
+                                       show=True)
+    done = int(state.get("x", 0))
+    bar.total = max(int(state.get("total") or 0), done) or None  # an estimate that a rank outran grows with it
+    bar.update(max(0, done - bar.n))
+    if state.get("closed"):
+        bar.close()
+        del bars[key]
+
+
 def _print_own(data: dict) -> None:
-    from ray._private.worker import RAY_TQDM_MAGIC, print_worker_logs
+    import json
+
+    from ray._private.worker import RAY_TQDM_MAGIC
 
     lines = data.get("lines", [])
-    bars = [line for line in lines if RAY_TQDM_MAGIC in line]
-    if bars:  # Ray's own tqdm_ray bars: let Ray draw them
-        print_worker_logs({**data, "lines": bars}, sys.stdout)
+    for line in lines:
+        if RAY_TQDM_MAGIC in line:  # a worker's tqdm_ray bar (it draws only where genderid.progress said so)
+            try:
+                with _lock:
+                    draw_worker_bar(json.loads(line), _worker_bars)
+            except (ValueError, TypeError):
+                pass
     with _lock:
         shown = own_lines(lines, _printed)
-    for text in shown:
-        print(text, file=_console, flush=True)
+    if shown:
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode():  # lift the progress bars off the line, print, draw them again
+            for text in shown:
+                print(text, file=_console, flush=True)
 
 
 def _drop_daemon_notices(original):

@@ -159,7 +159,7 @@ def run_demo(workdir: str = DEFAULT_WORKDIR, celeba: Optional[str] = None, n: in
 
 def _run_steps(config, run_id: str, run_path: Path, workdir_path: Path, data: str, celeba: Optional[str], n: int,
                port: int, serve_settings: dict, progress: dict) -> dict:
-    from genderid import runs
+    from genderid import runs, tracking
     from genderid.client import predict_url
     from genderid.evaluate import default_split, evaluate_checkpoint
     from genderid.prepare import prepare
@@ -195,6 +195,7 @@ def _run_steps(config, run_id: str, run_path: Path, workdir_path: Path, data: st
     split = default_split(data)
     report_dir = run_path / "report"
     report = evaluate_checkpoint(best["checkpoint"], data, str(report_dir), split)
+    tracking.log_report(train_config, str(report_dir))
     print(f"[demo] {split} accuracy {report['accuracy']:.3f}, balanced accuracy {report['balanced_accuracy']:.3f}, "
           f"AUC {report['auc']:.3f} on {report['count']} images; ECE {report['calibration']['ece_before']:.3f} -> "
           f"{report['calibration']['ece_after']:.3f} calibrated, {report['calibration']['uncertain_share']:.1%} "
@@ -228,7 +229,8 @@ def _run_steps(config, run_id: str, run_path: Path, workdir_path: Path, data: st
                     "train_run": runs.run_dir(str(run_path), TRAIN_RUN), "best_checkpoint": best["checkpoint"],
                     "best_json": runs.path(runs.run_dir(str(run_path), TRAIN_RUN), runs.BEST_FILE),
                     "latest_json": latest_pointer, "report": str(report_dir),
-                    "model_card": str(report_dir / "MODEL_CARD.md")},
+                    "model_card": str(report_dir / "MODEL_CARD.md"),
+                    "mlflow": tracking.ui_command(config)},
         "seconds": round(time.perf_counter() - started, 1),
     }
     (run_path / "summary.json").write_text(json.dumps(summary, indent=2))

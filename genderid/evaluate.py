@@ -4,17 +4,21 @@ Ray Data decodes the split with the checkpoint's own preprocessing; the pass its
 """
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from genderid import shards, storage
+from genderid import progress, runtime, shards, storage
 from genderid.calibration import Calibration, expected_calibration_error, reliability, sigmoid
 from genderid.celeba import ATTRIBUTES
 from genderid.checkpoint import load_checkpoint
 from genderid.engine import Predictions, predict
 from genderid.report import write_report
+from genderid.runtime import RuntimeSettings
+
+EVAL_BATCH_SIZE = 64
 
 
 def default_split(source: str) -> str:
@@ -41,6 +45,17 @@ def calibration_report(calibration: Calibration, predictions: Predictions) -> di
     }
 
 
+def runtime_comparison(predictions: Predictions, reference: Predictions) -> dict:
+    """How a runtime's predictions differ from torch fp32's on the same images (in the same order)."""
+    ours, theirs = predictions.p_male >= 0.5, reference.p_male >= 0.5
+    accuracy = float(np.mean(ours == predictions.y_true))
+    reference_accuracy = float(np.mean(theirs == reference.y_true))
+    return {"accuracy": accuracy, "torch_fp32_accuracy": reference_accuracy,
+            "accuracy_change_points": 100.0 * (accuracy - reference_accuracy),
+            "labels_equal_to_torch_fp32": float(np.mean(ours == theirs)),
+            "max_p_male_difference": float(np.max(np.abs(predictions.p_male - reference.p_male)))}
+
+
 def model_summary(loaded) -> dict:
     """What the model card says about the model, from its checkpoint."""
     config = loaded.meta.get("config") or {}
@@ -50,8 +65,14 @@ def model_summary(loaded) -> dict:
             "train": config.get("train"), "faces": loaded.preprocessing.faces.to_dict()}
 
 
-def evaluate_checkpoint(checkpoint: str, source: str, out: str, split: str = "test") -> dict:
-    """Evaluate ``checkpoint`` on ``split`` of ``source``; write the report to ``out`` (path or s3://)."""
+def evaluate_checkpoint(checkpoint: str, source: str, out: str, split: str = "test",
+                        settings: RuntimeSettings = RuntimeSettings()) -> dict:
+    """Evaluate ``checkpoint`` on ``split`` of ``source``; write the report to ``out`` (path or s3://).
+
+    ``settings``: the runtime that runs the model (an int8 model is built from ``source``'s val images when it
+    does not exist yet); other than torch fp32, the report's ``runtime`` block compares it with torch fp32 on the
+    same images.
+    """
     from genderid.ray_data import load_split, torch_collate
     from genderid.ray_runtime import init_ray
 
@@ -60,14 +81,28 @@ def evaluate_checkpoint(checkpoint: str, source: str, out: str, split: str = "te
     if not counts[split]["total"]:
         raise shards.DatasetError(f"{source}: the {split} split has no rows; choose another with --split")
     loaded = load_checkpoint(checkpoint)
+    calibration = runtime.val_batches(source, loaded.preprocessing) if settings.precision == "int8" else None
+    model = runtime.as_module(runtime.forward_for(loaded, settings, calibration_batches=calibration))
     init_ray()
     dataset = load_split(source, split, loaded.preprocessing, keep_attributes=True)
-    predictions = predict(loaded.model, dataset.iter_torch_batches(batch_size=64, collate_fn=torch_collate()))
+    if settings != RuntimeSettings():  # two passes compared image by image: the same order both times
+        dataset.context.execution_options.preserve_order = True
+
+    def run(model_to_run, label: str) -> Predictions:
+        batches = dataset.iter_torch_batches(batch_size=EVAL_BATCH_SIZE, collate_fn=torch_collate())
+        return predict(model_to_run, progress.track(batches, math.ceil(counts[split]["total"] / EVAL_BATCH_SIZE),
+                                                    label, "batches"))
+
+    predictions = run(model, f"evaluate {split}")
     metrics = predictions.metrics(ATTRIBUTES)
     report = {"checkpoint": loaded.source, "model_version": loaded.version, "data": source, "split": split,
               **metrics, "calibration": calibration_report(loaded.calibration, predictions),
               "model": model_summary(loaded), "dataset": {"counts": counts, "split_recipe": manifest.get("split"),
-                                                          "aligned": manifest.get("aligned")}}
+                                                          "aligned": manifest.get("aligned")},
+              "runtime": {"runtime": settings.runtime, "precision": settings.precision}}
+    if settings != RuntimeSettings():
+        reference = run(loaded.model, f"evaluate {split} (torch fp32)")
+        report["runtime"].update(runtime_comparison(predictions, reference))
     with tempfile.TemporaryDirectory() as directory:
         write_report(Path(directory), report, loaded.labels, loaded.meta.get("history"))
         storage.upload_dir(directory, out)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ from PIL import Image
 from genderid.checkpoint import LoadedCheckpoint, load_checkpoint
 from genderid.faces import Face, FaceFrontEnd
 from genderid.preprocess import ImageInput, open_image
+from genderid.runtime import RuntimeSettings, forward_for
 
 
 @dataclass(frozen=True)
@@ -32,21 +33,28 @@ class Prediction:
 class Predictor:
     """A loaded model plus the preprocessing it was trained with."""
 
-    def __init__(self, checkpoint: LoadedCheckpoint, device: str | torch.device = "cpu", batch_size: int = 16):
+    def __init__(self, checkpoint: LoadedCheckpoint, device: str | torch.device = "cpu", batch_size: int = 16,
+                 runtime: RuntimeSettings = RuntimeSettings(),
+                 calibration_batches: Optional[Iterable[np.ndarray]] = None):
+        """``runtime``: torch fp32 (default) or ONNX Runtime fp32 / int8 (see :mod:`genderid.runtime`);
+        ``calibration_batches``: val images for building an int8 model that does not exist yet."""
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.model = checkpoint.model.to(self.device).eval()
+        self.runtime = runtime
+        self.forward = forward_for(checkpoint, runtime, self.device, calibration_batches)
         self.preprocessing = checkpoint.preprocessing
         self.labels = checkpoint.labels
         self.calibration = checkpoint.calibration
 
     @classmethod
     def from_checkpoint(cls, location: str, device: str | torch.device = "cpu", batch_size: int = 16,
-                        expected_sha256: Optional[str] = None) -> "Predictor":
+                        expected_sha256: Optional[str] = None, runtime: RuntimeSettings = RuntimeSettings(),
+                        calibration_batches: Optional[Iterable[np.ndarray]] = None) -> "Predictor":
         """Load from a checkpoint directory, ``s3://`` URI or ``best.json`` (SHA-256 verified; optionally pinned)."""
         return cls(load_checkpoint(location, map_location=device, expected_sha256=expected_sha256), device=device,
-                   batch_size=batch_size)
+                   batch_size=batch_size, runtime=runtime, calibration_batches=calibration_batches)
 
     @property
     def model_version(self) -> str:
@@ -56,14 +64,12 @@ class Predictor:
         """Decode and normalise (raises :class:`genderid.preprocess.ImageDecodeError` on a bad image)."""
         return self.preprocessing.batch(images)
 
-    @torch.inference_mode()
     def predict_arrays(self, arrays: np.ndarray) -> list[Prediction]:
         """Predictions for already preprocessed NCHW arrays, in chunks of ``batch_size``."""
         results: list[Prediction] = []
         for start in range(0, len(arrays), self.batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(arrays[start:start + self.batch_size])).to(self.device)
-            logits = self.model(batch).float()
-            p_male = self.calibration.p_male((logits[:, 1] - logits[:, 0]).cpu().numpy())
+            logits = self.forward(arrays[start:start + self.batch_size])
+            p_male = self.calibration.p_male(logits[:, 1] - logits[:, 0])
             uncertain = self.calibration.uncertain(p_male)
             results.extend(Prediction(self.labels[int(p >= 0.5)], float(p), bool(u)) for p, u in zip(p_male, uncertain))
         return results

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from genderid import celeba, shards
+from genderid import celeba, progress, shards
 from genderid.faces import FaceSettings
 
 
@@ -17,8 +17,11 @@ def run_on_ray_data(fn: Callable[[dict], dict], specs: list[dict], num_cpus: flo
     # JSON strings keep Arrow from guessing types of nested lists (and of empty ones).
     items = [{"spec": json.dumps(spec)} for spec in specs]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    results = dataset.map(lambda row: {"result": json.dumps(fn(json.loads(row["spec"])))}, num_cpus=num_cpus)
-    return [json.loads(row["result"]) for row in results.take_all()]
+    from genderid.ray_data import quiet
+
+    results = quiet(dataset.map(lambda row: {"result": json.dumps(fn(json.loads(row["spec"])))}, num_cpus=num_cpus))
+    return [json.loads(row["result"])
+            for row in progress.track(results.iter_rows(), len(specs), "prepare", "shards")]
 
 
 def split_for(index: celeba.CelebaIndex, recipe: str, per_class: int, test_per_class: int, seed: int):

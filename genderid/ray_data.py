@@ -38,8 +38,18 @@ def load_split(source: str, split: str, preprocessing: Preprocessing, augment: b
 
     dataset = ray.data.read_parquet(shards.shard_uris(source)).select_columns(READ_COLUMNS)
     dataset = dataset.filter(expr=col("split") == SPLITS[split])
-    return dataset.map_batches(Decode(preprocessing, augment, keep_attributes), batch_format="numpy",
-                               batch_size=batch_size, num_cpus=num_cpus)
+    return quiet(dataset.map_batches(Decode(preprocessing, augment, keep_attributes), batch_format="numpy",
+                                     batch_size=batch_size, num_cpus=num_cpus))
+
+
+def quiet(dataset):
+    """``dataset`` without Ray Data's own per-operator progress bars (kept with ``--verbose``): the step it feeds
+    draws one bar of its own (see :mod:`genderid.progress`), wherever the dataset executes (a Train worker's
+    split coordinator included, where the driver's settings do not reach)."""
+    from genderid.console import verbose
+
+    dataset.context.enable_progress_bars = verbose()
+    return dataset
 
 
 def torch_collate():

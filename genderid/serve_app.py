@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -87,6 +87,15 @@ class ServeArgs(BaseModel):
     decode_threads: int = Field(1, ge=1, description="images decoded at once per replica (memory: see max_pixels)")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica; match ray_actor_options.num_cpus")
     device: str = Field("auto", description="auto (cuda when the replica has a GPU), cpu or cuda")
+    runtime: str = Field("torch", description="what runs the model: torch or onnxruntime (genderid.runtime)")
+    precision: str = Field("fp32", description="fp32, or int8 (onnxruntime; built by `genderid export` first)")
+
+    @model_validator(mode="after")
+    def _runtime_exists(self) -> "ServeArgs":
+        from genderid.runtime import RuntimeSettings
+
+        RuntimeSettings(self.runtime, self.precision)  # its error names the allowed values
+        return self
 
 
 @api.middleware("http")
@@ -181,6 +190,7 @@ class GenderIdService:
         from genderid import storage
         from genderid.checkpoint import CheckpointError
         from genderid.predictor import Predictor
+        from genderid.runtime import RuntimeSettingError, RuntimeSettings
 
         self.args = ServeArgs.model_validate(args)
         self.limits = Limits(self.args.max_body_bytes, self.args.max_pixels, self.args.max_files,
@@ -194,8 +204,9 @@ class GenderIdService:
         try:
             self.predictor = Predictor.from_checkpoint(self.args.checkpoint, device=device,
                                                        batch_size=self.args.max_batch_size,
-                                                       expected_sha256=self.args.expected_sha256)
-        except (CheckpointError, OSError) as exc:
+                                                       expected_sha256=self.args.expected_sha256,
+                                                       runtime=RuntimeSettings(self.args.runtime, self.args.precision))
+        except (CheckpointError, RuntimeSettingError, OSError) as exc:
             # One clear line in the replica log and in `serve status`; the replica does not start.
             logger.error("genderid: cannot load checkpoint %s: %s", self.args.checkpoint, exc)
             raise RuntimeError(f"genderid: cannot load checkpoint {self.args.checkpoint}: {exc}") from None
@@ -326,6 +337,7 @@ class GenderIdService:
             "architecture": model_description(loaded.model), "epoch": meta.get("epoch"),
             "validation_metrics": {k: v for k, v in meta.get("metrics", {}).items() if k.startswith("val_")},
             "test_metrics": self.test_metrics,
+            "runtime": {"runtime": self.args.runtime, "precision": self.args.precision},
             "batching": {"max_batch_size": self.args.max_batch_size,
                          "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
             "limits": {"max_body_bytes": self.limits.max_body_bytes, "max_pixels": self.limits.max_pixels,
@@ -344,8 +356,14 @@ def build_app(args: ServeArgs) -> serve.Application:
     with a clear message before any running replica is replaced. A ``best.json`` is resolved here, once: every
     replica gets the concrete checkpoint and its SHA-256, so replicas added later serve the same model.
     """
-    from genderid.checkpoint import pin
+    from genderid import runtime, storage
+    from genderid.checkpoint import CheckpointError, pin
 
     checkpoint, sha256 = pin(args.checkpoint, args.expected_sha256)
+    if args.precision == "int8":  # replicas cannot calibrate (no data): the int8 model must exist before the deploy
+        settings = runtime.RuntimeSettings(args.runtime, args.precision)
+        if not storage.exists(runtime.export_location(checkpoint, sha256, settings)):
+            raise CheckpointError(f"precision int8: {checkpoint} has no int8 model yet; build it once from val "
+                                  f"images: genderid export --checkpoint {checkpoint} --data PREPARED --precision int8")
     return GenderIdService.bind(args.model_copy(update={"checkpoint": checkpoint, "expected_sha256": sha256})
                                 .model_dump())

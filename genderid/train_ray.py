@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -23,7 +24,7 @@ import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from genderid import engine, runs, storage
+from genderid import engine, runs, storage, tracking
 from genderid.calibration import Calibration
 from genderid.checkpoint import load_checkpoint, save_checkpoint
 from genderid.config import Config, ConfigError, config_from_dict
@@ -113,6 +114,8 @@ def train_loop(loop_config: dict) -> None:
             train_shard.iter_torch_batches(batch_size=config.train.batch_size,
                                            local_shuffle_buffer_size=config.train.batch_size * 8,
                                            collate_fn=torch_collate()), model, epoch, rank)
+        if rank == 0 and loop_config.get("progress"):
+            batches = _epoch_bar(batches, epoch, config, world, loop_config["train_rows"])
         join = model.join() if hasattr(model, "join") else contextlib.nullcontext()
         started = time.perf_counter()
         with join:
@@ -153,6 +156,23 @@ def train_loop(loop_config: dict) -> None:
             break
 
 
+def _epoch_bar(batches, epoch: int, config: Config, world: int, train_rows: int):
+    """Rank 0's batches of this epoch, counted by a bar that Ray's ``tqdm_ray`` draws on the driver's console."""
+    from ray.experimental.tqdm_ray import tqdm
+
+    # Ray Data hands blocks to whichever rank asks first (equal=False), so rank 0's share is known only at the
+    # end: the bar counts up to a fair-share estimate, then ends at what rank 0 really trained on.
+    fair_share = math.ceil(train_rows / world / config.train.batch_size)
+    bar = tqdm(desc=f"epoch {epoch}/{config.train.epochs}", total=fair_share, unit="batches")
+    try:
+        for batch in batches:
+            yield batch
+            bar.update(1)
+    finally:
+        bar.total = max(bar.n, 1)
+        bar.close()
+
+
 def _epoch_metrics(epoch: int, start_epoch: int, train_parts: list, val_metrics: dict, seconds: float) -> dict:
     """One epoch's report: train figures summed over ranks (loss sum, correct, images, seconds), val metrics."""
     images = sum(p[2] for p in train_parts)
@@ -167,11 +187,17 @@ def _epoch_metrics(epoch: int, start_epoch: int, train_parts: list, val_metrics:
     }
 
 
-def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks: tuple = ()):
-    """The TorchTrainer for ``config``: Ray Data splits, scaling, storage, top-k checkpoints, failure policy."""
+def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks: tuple = (),
+                  progress_bars: Optional[bool] = None):
+    """The TorchTrainer for ``config``: Ray Data splits, scaling, storage, top-k checkpoints, failure policy.
+
+    ``progress_bars``: rank 0 draws a bar per epoch (default: where the driver's console is a terminal, see
+    :mod:`genderid.progress`; Tune trials pass False, their sweep has one bar over the trials).
+    """
+    from genderid import progress
     from genderid.ray_data import load_split
 
-    check_data_source(config)
+    train_rows = check_data_source(config)
     check_shared_storage(config.storage.path, _alive_node_hosts())
     preprocessing = Preprocessing(image_size=tuple(config.data.image_size))
     datasets = {
@@ -184,7 +210,10 @@ def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks:
         resources["GPU"] = config.scaling.gpus_per_worker
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.to_dict(), "hooks": hooks or TrainHooks(), "run_dir": runs.run_dir_of(config)},
+        train_loop_config={"config": config.to_dict(), "hooks": hooks or TrainHooks(),
+                           "run_dir": runs.run_dir_of(config),
+                           "progress": progress.enabled() if progress_bars is None else progress_bars,
+                           "train_rows": train_rows},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=config.scaling.placement_strategy),
@@ -200,8 +229,8 @@ def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks:
     )
 
 
-def check_data_source(config: Config) -> None:
-    """``data.source`` is set and is a prepared data set with train and val rows."""
+def check_data_source(config: Config) -> int:
+    """``data.source`` is set and is a prepared data set with train and val rows; returns the train rows."""
     from genderid import shards
 
     if not config.data.source:
@@ -211,6 +240,7 @@ def check_data_source(config: Config) -> None:
         if not counts[split]["total"]:
             raise shards.DatasetError(f"{config.data.source}: the {split} split has no rows; training needs both "
                                       "train and val rows (see `genderid prepare --split`)")
+    return int(counts["train"]["total"])
 
 
 # File systems that every node of a cluster can share under one path.
@@ -263,11 +293,30 @@ def run_training(config: Config, hooks: Optional[TrainHooks] = None) -> dict:
     """Fit, write ``<storage.path>/<storage.name>/best.json`` for the best checkpoint Ray kept, and return it."""
     from genderid.ray_runtime import init_ray
 
+    from genderid.tracking_ray import EpochTracker
+
     check_data_source(config)  # before Ray starts: bad input costs nothing
     init_ray()
-    result = build_trainer(config, hooks).fit()
-    if result.error is not None:
-        raise result.error
     run = runs.run_dir_of(config)
-    checkpoint, _ = runs.best_kept_checkpoint(run, config.train.checkpoint_metric, config.train.checkpoint_mode)
-    return runs.write_best(run, "train", checkpoint)
+    tracker = tracking.open_tracker(config)
+    mlflow_run = None
+    if tracker is not None:
+        mlflow_run = tracking.start_run(tracker, run, "train", config.storage.name,
+                                        tracking.flat_params(config.to_dict()),
+                                        history=runs.path(run, runs.HISTORY_FILE))
+    failed = True
+    try:
+        callbacks = () if mlflow_run is None else (EpochTracker(tracker, mlflow_run),)
+        result = build_trainer(config, hooks, callbacks).fit()
+        if result.error is not None:
+            raise result.error
+        checkpoint, _ = runs.best_kept_checkpoint(run, config.train.checkpoint_metric, config.train.checkpoint_mode)
+        best = runs.write_best(run, "train", checkpoint)
+        failed = False
+    finally:
+        if mlflow_run is not None:
+            tracking.log_files(tracker, mlflow_run, {name: runs.path(run, name)
+                                                     for name in (runs.BEST_FILE, runs.HISTORY_FILE)})
+            tracking.finish_run(tracker, mlflow_run, failed,
+                                tags={} if failed else {"best_checkpoint": best["checkpoint"]})
+    return best

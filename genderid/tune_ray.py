@@ -15,12 +15,14 @@ from typing import Optional
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from genderid import console, runs, search, storage
+from genderid import console, runs, search, storage, tracking
 from genderid.checkpoint import CheckpointError
 from genderid.config import Config, ConfigError, config_from_dict
 from genderid.report import plot_sweep
 from genderid.train_hooks import TrainHooks
+from genderid.tracking_ray import TrialTracker
 from genderid.train_ray import build_trainer, check_data_source
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its Train run; Tune rejects 0
@@ -40,7 +42,7 @@ def trial_config(base: dict, params: dict, trials_dir: str, trial_id: str) -> Co
 def run_trial(params: dict, base: dict, trials_dir: str, hooks: Optional[TrainHooks] = None) -> None:
     """The Tune trainable: one Ray Train run (``hooks``: see :mod:`genderid.train_hooks`)."""
     config = trial_config(base, params, trials_dir, tune.get_context().get_trial_id())
-    result = build_trainer(config, hooks=hooks, callbacks=(TuneReportCallback(),)).fit()
+    result = build_trainer(config, hooks=hooks, callbacks=(TuneReportCallback(),), progress_bars=False).fit()
     if result.error is not None:
         raise result.error
 
@@ -77,6 +79,44 @@ def default_concurrency(config: Config, resources: dict) -> int:
 def concurrency(config: Config, resources: dict) -> int:
     """``tune.max_concurrent_trials`` when set, else what the present resources allow."""
     return config.tune.max_concurrent_trials or default_concurrency(config, resources)
+
+
+class TrialProgress(tune.Callback):
+    """One bar over the sweep's trials on the driver's console, with the best value so far
+    (:mod:`genderid.progress` decides whether it is drawn)."""
+
+    def __init__(self, total: int, metric: str, mode: str):
+        self.total, self.metric, self.mode = total, metric, mode
+        self._bar, self._best = None, None
+
+    def setup(self, **info) -> None:
+        from genderid import progress
+
+        self._bar = progress.bar(self.total, "sweep", "trials")
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self._bar is not None and iteration == 0:  # a resumed sweep: its finished trials count from the start
+            self._bar.update(sum(t.status in ("TERMINATED", "ERROR") for t in trials))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and (self._best is None or (value > self._best) == (self.mode == "max")):
+            self._best = value
+            if self._bar is not None:
+                self._bar.set_postfix_str(f"best {self.metric} {value:.4f}", refresh=False)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    on_trial_error = on_trial_complete
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __getstate__(self) -> dict:  # Tune saves its callbacks with the sweep; a bar is not state
+        return {**self.__dict__, "_bar": None}
 
 
 def _ended(frame, result, config: Config) -> str:
@@ -172,7 +212,8 @@ def check_resume(config: Config, sweep_dir: str) -> bool:
     return True
 
 
-def build_tuner(config: Config, sweep_dir: str, resources: dict, hooks: Optional[TrainHooks] = None):
+def build_tuner(config: Config, sweep_dir: str, resources: dict, hooks: Optional[TrainHooks] = None,
+                callbacks: tuple = ()):
     """A new sweep, or the interrupted one in ``sweep_dir`` (finished trials kept, unfinished ones resumed)."""
     from ray.tune import RunConfig, TuneConfig, Tuner
 
@@ -189,10 +230,16 @@ def build_tuner(config: Config, sweep_dir: str, resources: dict, hooks: Optional
                               reduction_factor=config.tune.reduction_factor)
     return Tuner(
         trainable, param_space=search_space(config),
+        # The concurrency goes to the search algorithm itself: Tune ignores max_concurrent_trials (with a warning)
+        # once a BasicVariantGenerator instance is given, and trials would then wait on each other's workers.
         tune_config=TuneConfig(metric=config.tune.metric, mode=config.tune.mode, num_samples=config.tune.num_samples,
-                               max_concurrent_trials=concurrency(config, resources), scheduler=scheduler),
+                               scheduler=scheduler,
+                               search_alg=BasicVariantGenerator(random_state=config.tune.seed,
+                                                                max_concurrent=concurrency(config, resources))),
         # verbose 0: the sweep's table is printed by us when it ends; --verbose brings Tune's live status back.
-        run_config=RunConfig(name=runs.TUNE_DIR, storage_path=sweep_dir, callbacks=[OrphanReaper()],
+        run_config=RunConfig(name=runs.TUNE_DIR, storage_path=sweep_dir,
+                             callbacks=[OrphanReaper(), TrialProgress(config.tune.num_samples, config.tune.metric,
+                                                                      config.tune.mode), *callbacks],
                              verbose=2 if console.verbose() else 0),
     )
 
@@ -213,13 +260,41 @@ def run_sweep(config: Config, hooks: Optional[TrainHooks] = None) -> tuple[list[
     init_ray()
     # What a killed earlier run left reserved would make this one wait forever (see genderid.ray_cleanup).
     release_orphaned_placement_groups()
-    tuner = build_tuner(config, sweep_dir, ray.cluster_resources(), hooks)
+    tracker = tracking.open_tracker(config)
+    sweep_run = None
+    if tracker is not None:
+        sweep_run = tracking.start_run(tracker, sweep_dir, "sweep", config.storage.name,
+                                       tracking.flat_params(config.to_dict()))
+    # A resumed sweep keeps the callbacks it was started with (Tune restores them); a new one gets the tracker.
+    callbacks = () if sweep_run is None else (
+        TrialTracker(tracker, config.tracking.experiment, sweep_dir, sweep_run),)
+    tuner = build_tuner(config, sweep_dir, ray.cluster_resources(), hooks, callbacks)
     if not resuming:
         storage.write_bytes(runs.path(sweep_dir, runs.SWEEP_CONFIG_FILE),
                             json.dumps(config.to_dict(), indent=2).encode())
     else:
         print(f"[tune] resuming sweep {config.storage.name!r} from {sweep_dir}", flush=True)
-    with console.silence_prints():  # Tune's banner and status tables; the results table is printed after
-        grid = tuner.fit()
-    rows = summarise(grid, config, sweep_dir)
-    return rows, write_results(rows, config, sweep_dir)
+    failed = True
+    try:
+        with console.silence_prints():  # Tune's banner and status tables; the results table is printed after
+            grid = tuner.fit()
+        rows = summarise(grid, config, sweep_dir)
+        best = write_results(rows, config, sweep_dir)
+        failed = False
+    finally:
+        if sweep_run is not None:
+            _finish_tracking(tracker, sweep_run, sweep_dir, rows if not failed else None, failed)
+    return rows, best
+
+
+def _finish_tracking(tracker, sweep_run: str, sweep_dir: str, rows: Optional[list], failed: bool) -> None:
+    """The sweep's MLflow run gets its results (table, plot, best.json) and each trial's run its outcome."""
+    files = {name: runs.path(sweep_dir, name) for name in (runs.RESULTS_FILE, runs.SWEEP_PLOT_FILE, runs.BEST_FILE)}
+    tracking.log_files(tracker, sweep_run, files)
+    for row in rows or []:
+        trial_run = tracking.find_run(tracker, sweep_dir, "trial", row["trial_id"])
+        if trial_run is not None:
+            tracker.client().set_tag(trial_run, "ended", row.get("ended", ""))
+            if "checkpoint" in row:
+                tracker.client().set_tag(trial_run, "best_checkpoint", row["checkpoint"])
+    tracking.finish_run(tracker, sweep_run, failed)

@@ -253,3 +253,14 @@ def upload_folder(local: Path, uri: str) -> str:
 
     storage.upload_dir(local, uri)
     return uri
+
+
+def mlflow_runs(storage_path: Path, kind: str) -> list:
+    """The MLflow runs of ``kind`` (train | sweep | trial) in the local tracking store under ``storage_path``."""
+    from mlflow.tracking import MlflowClient
+
+    from genderid import tracking
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage_path / tracking.STORE_FILE}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(experiments, f"tags.`{tracking.TAG_KIND}` = '{kind}'")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, mlflow_runs
 
 pytestmark = pytest.mark.ray
 SMALL = ["tune.num_samples=2", "tune.max_epochs=1", "tune.unfreeze_depth=[5]", "train.epochs=3"]
@@ -20,12 +20,15 @@ WITH_CTRL_C = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_
                "os.execv(sys.argv[1], sys.argv[1:])")
 
 
-def demo(local_cluster, workdir, port, *args, timeout=900, **popen):
+def demo(local_cluster, workdir, port, *args, timeout=900, extra_env=None, merged=False, **popen):
     # RAY_ADDRESS: the demo joins the session's cluster instead of starting a second one on this host.
-    env = {**local_cluster.env(), "RAY_ADDRESS": local_cluster.address, "PYTHONUNBUFFERED": "1"}
+    env = {**local_cluster.env(), "RAY_ADDRESS": local_cluster.address, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     command = [str(REPO / "run"), "demo", "--workdir", str(workdir), "--n", "300", "--port", str(port), *args]
     if popen:
         return subprocess.Popen([sys.executable, "-c", WITH_CTRL_C, *command], cwd=REPO, env=env, text=True, **popen)
+    if merged:  # one stream, in the order a terminal would show it
+        return subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -36,8 +39,9 @@ def run_ids(workdir):
 @pytest.fixture(scope="module")
 def first_run(local_cluster, ray_cluster, tmp_path_factory):
     workdir, port = tmp_path_factory.mktemp("demo-runs") / "demo", free_port()
-    run = demo(local_cluster, workdir, port, *SMALL)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # Progress bars on, as in a terminal (they are off in pipes): the console test reads what a person would see.
+    run = demo(local_cluster, workdir, port, *SMALL, extra_env={"GENDERID_PROGRESS": "1"}, merged=True)
+    assert run.returncode == 0, run.stdout[-6000:]
     [run_id] = run_ids(workdir)
     return {"workdir": workdir, "port": port, "run": run, "run_id": run_id}
 
@@ -69,13 +73,30 @@ def test_run_demo_end_to_end_predicts_over_http_and_shuts_serve_down(first_run):
 
 def test_the_demo_console_is_ours_not_rays(first_run):
     """Fewer than 150 lines, none twice in a row, no Traceback or ERROR: Ray's internals stay in its log files."""
-    lines = (first_run["run"].stdout + first_run["run"].stderr).splitlines()
+    run = first_run["run"]
+    # What a terminal shows: a bar redraws its line with '\r', so each line is what its last redraw left.
+    lines = [line.split("\r")[-1] for line in run.stdout.split("\n")]
     assert len(lines) < 150, "\n".join(lines)
+    for bar in ("prepare:", "sweep:", "epoch 1/3:", "evaluate test:"):  # a bar per long step, each run to the end
+        assert any(line.startswith(bar) and "100%" in line for line in lines), bar
     repeated = [a for a, b in zip(lines, lines[1:]) if a.strip() and a == b]
     assert repeated == []
     assert not [line for line in lines if "Traceback" in line or "ERROR" in line]
     epochs = [line for line in lines if line.startswith("[train] epoch")]
     assert len(epochs) == len(set(epochs)) >= 3  # every epoch line once (the final run's 3, and the sweep's)
+
+
+def test_the_demo_tracks_its_sweep_and_final_run_in_mlflow(first_run):
+    folder = first_run["workdir"] / first_run["run_id"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["outputs"]["mlflow"] == f"mlflow ui --backend-store-uri sqlite:///{folder / 'mlflow.db'}"
+    client, [train] = mlflow_runs(folder, "train")
+    assert len(mlflow_runs(folder, "sweep")[1]) == 1 and len(mlflow_runs(folder, "trial")[1]) == 2
+    history = json.loads((folder / "train" / "history.json").read_text())
+    logged = client.get_metric_history(train.info.run_id, "val_accuracy")
+    assert [m.step for m in logged] == [h["epoch"] for h in history] == [1, 2, 3]
+    report = {a.path for a in client.list_artifacts(train.info.run_id, "report")}
+    assert {"report/report.json", "report/MODEL_CARD.md"} <= report
 
 
 def test_a_second_demo_is_a_fresh_run_an_interrupted_one_resumes_and_a_wrong_port_is_refused(

@@ -541,6 +541,37 @@ def test_checkpoint_from_s3_and_bad_updates_leave_the_old_model_serving(endpoint
     assert post(endpoint["url"], model["images"][0]).status_code == 200
 
 
+def test_the_int8_onnxruntime_model_serves_once_exported_and_not_before(endpoint, local_cluster, model, prepared):
+    folder, url = endpoint["config_dir"], endpoint["url"]
+    config = serve_config(model["checkpoint"], endpoint["port"])
+    config["applications"][0]["args"].update(runtime="onnxruntime", precision="int8")
+    # Not built yet: the builder refuses the deploy, naming the command that builds it; the old model keeps serving.
+    deploy_cli(local_cluster, config, folder / "int8-missing.yaml")
+    refused = ("DEPLOY_FAILED", "genderid export")
+    wait_for(lambda: app_status(local_cluster)[0] == refused[0] and refused[1] in app_status(local_cluster)[1],
+             240, "the int8 deploy without an int8 model to fail")
+    assert post(url, model["images"][0]).status_code == 200
+
+    export = subprocess.run([sys.executable, "-m", "genderid", "export", "--checkpoint", str(model["checkpoint"]),
+                             "--data", str(prepared / "prepared"), "--precision", "int8"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    assert "onnxruntime-int8 model" in export.stdout and "Traceback" not in export.stderr
+    deploy_cli(local_cluster, config, folder / "int8.yaml")
+
+    def serving_int8():
+        try:
+            return requests.get(url + "/metadata", timeout=5).json().get("runtime", {}).get("precision") == "int8"
+        except (requests.RequestException, ValueError):
+            return False
+
+    wait_for(serving_int8, 240, "the int8 model to serve")
+    answers = [post(url, image).json() for image in model["images"]]
+    reference = model["predictor"].predict(model["images"])
+    assert all(a["model_version"] == model["predictor"].model_version for a in answers)
+    assert sum(a["label"] == r.label for a, r in zip(answers, reference)) >= len(reference) - 1
+
+
 @contextlib.contextmanager
 def under_load(url, images, clients):
     """``clients`` threads posting images back to back until the block ends; yields their status codes."""

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import upload_folder
+from conftest import mlflow_runs, upload_folder
 from genderid import shards
 from genderid.checkpoint import read_meta
 from genderid.cli import main
@@ -115,6 +115,13 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(pre
     assert [h["epoch"] for h in final] == [1, 2, 3]
     assert [h["start_epoch"] for h in final] == [1, 2, 2]  # epochs 2-3 ran after resuming from epoch 1
     assert history["checkpoint"] == best["checkpoint"]
+    # MLflow: one run for the whole train run (not one per attempt), every epoch once, the curve as reported.
+    client, [run] = mlflow_runs(tmp_path / "runs", "train")
+    logged = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in logged] == [(h["epoch"], pytest.approx(h["val_accuracy"])) for h in final]
+    assert run.info.status == "FINISHED" and run.data.params["train.max_failures"] == "2"
+    assert run.data.tags["best_checkpoint"] == best["checkpoint"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"best.json", "history.json"}
 
 
 def test_s3_data_and_checkpoints_and_evaluate_reads_them_back(prepared, s3_server, tmp_path, capsys):

@@ -7,9 +7,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from conftest import REPO, submit_job
+from conftest import REPO, mlflow_runs, submit_job
 from genderid.checkpoint import read_meta
 from genderid.config import ConfigError, load_config, named_config_path
 from genderid.predictor import Predictor
@@ -53,7 +54,27 @@ def test_sweep_job_with_asha_writes_results_and_a_loadable_best(local_cluster, p
     table = read_rows(sweep / "results.csv")
     assert len(table) == 4 and {r["config/unfreeze_depth"] for r in table} <= {"1", "5"}
     assert all(r["ended"] in ("completed", "stopped by ASHA") for r in table)
-    assert any(r["ended"] == "stopped by ASHA" and int(r["epochs_run"]) < 3 for r in table)
+    # On 2 CPUs one trial's Train workers take what Ray Data leaves: the sweep runs one trial at a time (a sweep
+    # that ignored its concurrency limit would start all four and starve them). MLflow saw each trial's span.
+    _, trial_runs = mlflow_runs(tmp_path / "sweeps", "trial")
+    spans = sorted((r.info.start_time, r.info.end_time) for r in trial_runs)
+    assert len(spans) == 4 and all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    # Replay ASHA's rule (grace 1, reduction 2, max 3 epochs: rungs at epochs 1 and 2; stop below the median of
+    # the values recorded at that rung so far) over the trials in the order they ran (one at a time here).
+    # Which trials it stops depends on the sampled lrs; that each decision follows the rule does not.
+    recorded, expected = {1: [], 2: []}, {}
+    for row in sorted(table, key=lambda r: r["trial_id"]):
+        history = json.loads((sweep / "trials" / row["trial_id"] / "history.json").read_text())
+        expected[row["trial_id"]] = (3, "completed")
+        for h in history:
+            if h["epoch"] in recorded:
+                rung = recorded[h["epoch"]]
+                stop = bool(rung) and h["val_accuracy"] < float(np.nanpercentile(rung, 50))
+                rung.append(h["val_accuracy"])
+                if stop:
+                    expected[row["trial_id"]] = (h["epoch"], "stopped by ASHA")
+                    break
+    assert {r["trial_id"]: (int(r["epochs_run"]), r["ended"]) for r in table} == expected
     top = max(float(r["best_val_accuracy"]) for r in table)
     assert best["kind"] == "sweep" and best["metrics"]["val_accuracy"] == pytest.approx(top)
     winner = next(r for r in table if r["trial_id"] == best["trial_id"])
@@ -62,6 +83,24 @@ def test_sweep_job_with_asha_writes_results_and_a_loadable_best(local_cluster, p
     assert read_meta(best["checkpoint"])["metrics"]["val_accuracy"] == pytest.approx(top)
     assert Predictor.from_checkpoint(str(sweep / "best.json")).model_version
     assert (sweep / "sweep.png").stat().st_size > 1000
+    # MLflow: the sweep's run holds its results; one nested run per trial with the searched params and its
+    # per-epoch val_accuracy, exactly what the trial's own history says (ASHA-stopped trials: fewer epochs).
+    client, [sweep_run] = mlflow_runs(tmp_path / "sweeps", "sweep")
+    assert {a.path for a in client.list_artifacts(sweep_run.info.run_id)} == {"results.csv", "sweep.png", "best.json"}
+    _, trial_runs = mlflow_runs(tmp_path / "sweeps", "trial")
+    assert len(trial_runs) == 4
+    by_trial = {r.data.tags["genderid.trial_id"]: r for r in trial_runs}
+    assert set(by_trial) == {r["trial_id"] for r in table}
+    for row in table:
+        run = by_trial[row["trial_id"]]
+        assert run.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
+        assert float(run.data.params["lr"]) == pytest.approx(float(row["config/lr"]))
+        assert run.data.params["unfreeze_depth"] == row["config/unfreeze_depth"]
+        history = json.loads((sweep / "trials" / row["trial_id"] / "history.json").read_text())
+        logged = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [(m.step, m.value) for m in logged] == [(h["epoch"], pytest.approx(h["val_accuracy"]))
+                                                       for h in history]
+        assert len(logged) == int(row["epochs_run"])
 
 
 def test_a_sweep_whose_val_accuracy_ties_names_a_checkpoint_that_exists(ray_cluster, prepared, tmp_path):
@@ -133,6 +172,14 @@ def test_a_killed_sweep_resumes_its_own_trials_from_their_checkpoints(local_clus
     assert [h["epoch"] for h in resumed] == [1, 2]
     assert [h["start_epoch"] for h in resumed] == [1, 2]  # epoch 2 ran after resuming from epoch 1's checkpoint
     assert resumed[0] == histories[cut][0]
+    # MLflow after the resume: still one run per trial; the cut trial's run holds epoch 1 (logged before the
+    # kill) and epoch 2 (after the resume), once each.
+    client, trial_runs = mlflow_runs(tmp_path / "sweeps", "trial")
+    by_trial = {r.data.tags["genderid.trial_id"]: r for r in trial_runs}
+    assert len(trial_runs) == 2 and set(by_trial) == {done, cut}
+    logged = client.get_metric_history(by_trial[cut].info.run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in logged] == [(h["epoch"], pytest.approx(h["val_accuracy"])) for h in resumed]
+    assert len(mlflow_runs(tmp_path / "sweeps", "sweep")[1]) == 1
 
     # The same name with another config is refused at once, naming the keys, before any work starts.
     changed = subprocess.run(command + ["train.weight_decay=0.01"], cwd=REPO, env=env, capture_output=True,

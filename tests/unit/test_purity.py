@@ -8,7 +8,8 @@ PURE_MODULES = ["genderid.config", "genderid.preprocess", "genderid.model", "gen
                 "genderid.shards", "genderid.storage", "genderid.local_train", "genderid.cli",
                 "genderid.http_inputs", "genderid.client", "genderid.runs", "genderid.search", "genderid.errors",
                 "genderid.train_hooks", "genderid.batching", "genderid.loadgen", "genderid.calibration",
-                "genderid.faces", "genderid.scenes", "genderid.annotate", "genderid.model_card", "genderid.report"]
+                "genderid.faces", "genderid.scenes", "genderid.annotate", "genderid.model_card", "genderid.report",
+                "genderid.tracking"]
 
 SCRIPT = textwrap.dedent("""
     import importlib, importlib.abc, sys

@@ -1,0 +1,79 @@
+"""MLflow tracking's store, runs and params, without Ray (genderid.tracking)."""
+import json
+import os
+
+import pytest
+
+from genderid import tracking
+from genderid.config import ConfigError, load_config, named_config_path
+
+
+def tiny(tmp_path, *overrides):
+    return load_config(named_config_path("tiny"), [f"storage.path={tmp_path / 'runs'}", *overrides])
+
+
+def test_the_local_store_lives_under_storage_path_and_nothing_is_written_to_the_working_folder(tmp_path,
+                                                                                                monkeypatch):
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    config = tiny(tmp_path)
+    tracker = tracking.open_tracker(config)
+    assert tracker.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    run = tracking.start_run(tracker, "/runs/a", "train", "a", tracking.flat_params(config.to_dict()))
+    tracking.log_folder(tracker, run, str(_report(tmp_path)), "report")
+    tracking.finish_run(tracker, run)
+    assert os.listdir(work) == []  # MLflow's default artifact root would be ./mlartifacts
+    artifacts = tmp_path / "runs" / "mlartifacts"
+    assert [p.name for p in artifacts.rglob("report.json")] == ["report.json"]
+    assert tracking.ui_command(config) == f"mlflow ui --backend-store-uri {tracker.uri}"
+
+
+def _report(tmp_path):
+    folder = tmp_path / "report"
+    folder.mkdir()
+    (folder / "report.json").write_text("{}")
+    return folder
+
+
+def test_a_resumed_run_logs_into_the_mlflow_run_it_started(tmp_path):
+    config = tiny(tmp_path)
+    tracker = tracking.open_tracker(config)
+    first = tracking.start_run(tracker, "/runs/sweep", "trial", "t1", {}, trial_id="t1")
+    tracking.log_epoch(tracker, first, {"epoch": 1, "val_accuracy": 0.5, "val_loss": 0.7, "train_images": 10})
+    tracking.finish_run(tracker, first, failed=True)
+    # The run's history holds epoch 2 too: its report was lost with a killed driver. A resume logs it, once.
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps([{"epoch": 1, "val_accuracy": 0.5, "val_loss": 0.7},
+                                   {"epoch": 2, "val_accuracy": 0.625, "val_loss": 0.6}]))
+    again = tracking.start_run(tracker, "/runs/sweep", "trial", "t1", {}, trial_id="t1", history=str(history))
+    other = tracking.start_run(tracker, "/runs/sweep", "trial", "t2", {}, trial_id="t2", history=str(history))
+    assert again == first and other != first
+    tracking.log_epoch(tracker, again, {"epoch": 3, "val_accuracy": 0.75})
+    client = tracker.client()
+    logged = client.get_metric_history(first, "val_accuracy")
+    assert [(m.step, m.value) for m in logged] == [(1, 0.5), (2, 0.625), (3, 0.75)]
+    assert client.get_metric_history(other, "val_accuracy") == []  # a new run is not backfilled from another
+    assert "train_images" not in client.get_run(first).data.metrics  # bookkeeping is not a curve
+    assert client.get_run(first).info.status == "RUNNING"
+
+
+def test_params_are_the_dotted_config_keys(tmp_path):
+    config = tiny(tmp_path, "train.lr=0.002")
+    params = tracking.flat_params(config.to_dict())
+    assert params["train.lr"] == "0.002" and params["data.image_size"] == "[32, 32]"
+    assert params["tracking.experiment"] == "genderid"
+    tracker = tracking.open_tracker(config)
+    run = tracking.start_run(tracker, "/runs/x", "train", "x", params)
+    assert tracker.client().get_run(run).data.params["model.unfreeze_depth"] == "5"
+
+
+def test_tracking_is_off_when_disabled_or_without_a_local_store(tmp_path, capsys):
+    assert tracking.open_tracker(tiny(tmp_path, "tracking.enabled=false")) is None
+    remote = load_config(named_config_path("tiny"), ["storage.path=s3://bucket/runs"])
+    assert tracking.open_tracker(remote) is None
+    assert "tracking.uri is not set" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="tracking.uri"):
+        tiny(tmp_path, "tracking.uri=nowhere")
+    with pytest.raises(tracking.TrackingError, match="tracking.uri: cannot open MLflow store"):
+        tracking.open_tracker(tiny(tmp_path, "tracking.uri=nosuchscheme://x"))
