@@ -121,7 +121,7 @@ def main() -> None:
     cpu = load_config(named_config_path("cpu"))
     models = [("cpu.yaml model", GenderNet(cpu.model), tuple(cpu.data.image_size))]
     if not args.skip_vgg16:
-        models.append(("VGG16 (width 1.0) at 224x224", GenderNet(width=1.0, batch_norm=False), (224, 224)))
+        models.append(("real-width VGG16", GenderNet(width=1.0, batch_norm=False), (224, 224)))
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         for index, (name, model, size) in enumerate(models):
