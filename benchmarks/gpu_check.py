@@ -1,6 +1,8 @@
 """The pure-PyTorch parts on one GPU: VGG16 train step (bf16 autocast, channels_last) and the predictor.
 
-No Ray (Ray's wheel does not travel to the GPU machines); the same engine and predictor code the Ray glue runs.
+No Ray (Ray's wheel does not travel to the GPU machines); the same engine and predictor code the Ray glue runs. It
+needs the pure parts' packages only: torch, numpy, pillow, pyarrow, pyyaml (``pip install --no-deps -e .`` beside
+them is enough).
 Prints images/s and achieved TFLOP/s (FLOPs per image from ``genderid.model.flops_per_image``: 2 x multiply-adds
 of the forward pass; a train step counts 3x the forward: forward, input gradients, weight gradients).
 

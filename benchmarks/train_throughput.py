@@ -1,7 +1,10 @@
 """Training throughput, measured against baselines in the same run (not a test).
 
 Part 1: images/s of Ray Train with 1 and 2 workers against a plain single-process PyTorch loop over the same
-        prepared data and the same model (decode included on both sides).
+        prepared data and the same model (decode included on both sides). The plain loop uses torch's default
+        threads (all cores); Ray Train workers get the same cores' worth through ``scaling.torch_threads: 0``.
+        Then decode + preprocess alone: Ray Data (as training reads it) against a torch DataLoader with 2 worker
+        processes running the same decode function.
 Part 2: one SGD step's time for unfreeze depth 0..5 with real-width VGG16 at 178x218 (pure PyTorch).
 
     python benchmarks/train_throughput.py [--images 1200] [--size 64] [--width 0.25] [--epochs 2] [--steps 2]
@@ -49,6 +52,60 @@ def plain_loop_images_per_s(config, source: str) -> float:
     return images / (time.perf_counter() - started)
 
 
+def decode_rows(source: str):
+    """The train split's Parquet columns, in chunks of 32 rows: the unit of work both decoders get."""
+    from genderid import shards
+
+    table = shards.read_table(source)
+    table = table.filter(table["split"].to_numpy() == 0)
+    columns = {n: table[n].to_numpy(zero_copy_only=False) for n in table.column_names}
+    return [{k: v[start:start + 32] for k, v in columns.items()} for start in range(0, len(columns["male"]), 32)]
+
+
+class DecodeChunks(torch.utils.data.Dataset):
+    """A torch Dataset whose items are the chunks above, decoded by the same function as Ray Data's."""
+
+    def __init__(self, chunks, preprocessing):
+        self.chunks, self.preprocessing = chunks, preprocessing
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, index):
+        from genderid.batches import to_model_batch
+
+        batch = to_model_batch(self.chunks[index], self.preprocessing, np.random.default_rng(index))
+        return torch.from_numpy(batch["image"]), torch.from_numpy(batch["male"])
+
+
+def dataloader_images_per_s(source: str, preprocessing, workers: int = 2, passes: int = 2) -> float:
+    """torch DataLoader with ``workers`` processes over the train split, decode + preprocess + augment only."""
+    chunks = decode_rows(source)
+    loader = torch.utils.data.DataLoader(DecodeChunks(chunks, preprocessing), batch_size=None, num_workers=workers,
+                                         persistent_workers=True)
+    for _ in loader:  # warm-up: workers started, imports done
+        pass
+    started, images = time.perf_counter(), 0
+    for _ in range(passes):
+        for image, _ in loader:
+            images += len(image)
+    return images / (time.perf_counter() - started)
+
+
+def ray_data_images_per_s(source: str, preprocessing, passes: int = 2) -> float:
+    """Ray Data over the same split (genderid.ray_data.load_split, as training reads it): decode + preprocess."""
+    from genderid.ray_data import load_split
+
+    dataset = load_split(source, "train", preprocessing, augment=True, batch_size=32)
+    for _ in dataset.iter_batches(batch_size=32):  # warm-up
+        pass
+    started, images = time.perf_counter(), 0
+    for _ in range(passes):
+        for batch in dataset.iter_batches(batch_size=32):
+            images += len(batch["male"])
+    return images / (time.perf_counter() - started)
+
+
 def ray_train_images_per_s(config, workers: int, storage: str) -> float:
     """Ray Train's own per-epoch images/s (all workers), the mean over epochs after the first."""
     import json
@@ -93,7 +150,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="model input height and width")
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per unfreeze depth")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per unfreeze depth (0: skip that part)")
     parser.add_argument("--batch", type=int, default=8, help="batch of the depth sweep")
     args = parser.parse_args()
 
@@ -109,9 +166,16 @@ def main() -> None:
         f"data.source={source}", f"data.image_size=[{args.size}, {args.size}]", f"model.width={args.width}",
         f"train.epochs={args.epochs}", "train.batch_size=32"])
 
+    from genderid.preprocess import Preprocessing
+    from genderid.ray_runtime import init_ray
+
     plain = plain_loop_images_per_s(config, source)
     ray_rows = [(w, ray_train_images_per_s(config, w, os.path.join(work, "runs"))) for w in (1, 2)]
-    depth_rows = depth_step_times(args.steps, args.batch)
+    preprocessing = Preprocessing(image_size=(args.size, args.size))
+    loader = dataloader_images_per_s(source, preprocessing)
+    init_ray()
+    ray_data = ray_data_images_per_s(source, preprocessing)
+    depth_rows = [] if args.steps == 0 else depth_step_times(args.steps, args.batch)
 
     print(f"\n## Training throughput ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
@@ -120,7 +184,16 @@ def main() -> None:
     print("| loop | images/s | vs plain PyTorch |\n| --- | --- | --- |")
     print(f"| plain PyTorch, 1 process | {plain:.1f} | 1.00 |")
     for workers, value in ray_rows:
-        print(f"| Ray Train, {workers} worker(s) x {1 / workers:.2g} CPU | {value:.1f} | {value / plain:.2f} |")
+        threads = max(1, (os.cpu_count() or 1) // workers)  # scaling.torch_threads 0: genderid.train_ray.worker_threads
+        print(f"| Ray Train, {workers} worker(s) x {1 / workers:.2g} CPU, {threads} torch thread(s) each | "
+              f"{value:.1f} | {value / plain:.2f} (epoch time {plain / value:.2f}x) |")
+    print(f"\nDecode + preprocess + augment of the train split alone (no training), 2 CPUs, batches of 32:\n")
+    print("| reader | images/s | vs DataLoader |\n| --- | --- | --- |")
+    print(f"| torch DataLoader, 2 worker processes, the same decode function | {loader:.1f} | 1.00 |")
+    print(f"| Ray Data (`genderid.ray_data.load_split`, as training reads it) | {ray_data:.1f} | "
+          f"{ray_data / loader:.2f} |")
+    if not depth_rows:
+        return
     print(f"\nReal-width VGG16, 178x218, batch {args.batch}, Adam, mean of {args.steps} steps after a warm-up:\n")
     print("| unfreeze depth | s/step | images/s | approx. GFLOP/s | vs depth 0 |\n| --- | --- | --- | --- | --- |")
     for depth, seconds, gflops in depth_rows:

@@ -151,8 +151,8 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # used only with use_gpu
-    # torch intra-op threads per worker; 0 = Ray's default (its CPU share). More than the share lets a lone
-    # CPU worker use cores that Ray Data's decode tasks leave idle.
+    # torch intra-op threads per worker; 0 = auto: the node's cores shared among the Train workers on it (a lone
+    # 1-CPU worker on 2 cores gets 2; Ray alone would give it 1 and leave a core to Ray Data's brief decode tasks).
     torch_threads: int = 0
     # How Ray places the workers: PACK fills nodes first; STRICT_SPREAD puts each worker on its own node.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"

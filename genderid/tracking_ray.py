@@ -1,7 +1,8 @@
 """Ray glue for MLflow tracking: epochs go to MLflow as Ray reports them, on Ray's driver-side processes.
 
-Both callbacks run where Ray collects reports (the Tune driver, the Train controller), never in the training
-workers: the tracking store needs to be reachable from there only, and a worker's restart cannot log twice.
+Both callbacks run where Ray collects reports (the Tune driver; the Train controller, which Ray 2.60 attaches to
+the driver's node), never in the training workers: the tracking store needs to be reachable from the driver's
+node only, and a worker's restart cannot log twice.
 The store, the runs and their tags are :mod:`genderid.tracking`'s.
 """
 from __future__ import annotations

@@ -79,8 +79,8 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.train.seed + rank)
-    if config.scaling.torch_threads:
-        torch.set_num_threads(config.scaling.torch_threads)
+    sharing = context.get_local_world_size() * loop_config.get("concurrent_runs", 1)
+    torch.set_num_threads(config.scaling.torch_threads or worker_threads(_node_cpus(), sharing, config.scaling.use_gpu))
     device = ray.train.torch.get_device()
     options = engine.StepOptions.for_device(device)
     preprocessing = Preprocessing(image_size=tuple(config.data.image_size))
@@ -156,6 +156,27 @@ def train_loop(loop_config: dict) -> None:
             break
 
 
+def worker_threads(node_cpus: int, sharing: int, use_gpu: bool) -> int:
+    """``scaling.torch_threads: 0``: the node's cores shared among the Train workers that may run on it at once
+    (``sharing``: this run's workers on the node x the sweep's concurrent trials).
+
+    Ray sets a worker's threads to its CPU reservation, which on a small node must leave a CPU to Ray Data's file
+    listing: a lone worker then trains on half a 2-core machine. The decode tasks that share the cores run in
+    short bursts between steps, so the worker may use its share of all the node's cores (measured in
+    ``benchmarks/train_throughput.py``). On GPU workers the maths runs on the GPU: threads stay at what Ray gives.
+    """
+    if use_gpu:
+        return max(1, torch.get_num_threads())
+    return max(1, node_cpus // max(1, sharing))
+
+
+def _node_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _epoch_bar(batches, epoch: int, config: Config, world: int, train_rows: int):
     """Rank 0's batches of this epoch, counted by a bar that Ray's ``tqdm_ray`` draws on the driver's console."""
     from ray.experimental.tqdm_ray import tqdm
@@ -188,11 +209,12 @@ def _epoch_metrics(epoch: int, start_epoch: int, train_parts: list, val_metrics:
 
 
 def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks: tuple = (),
-                  progress_bars: Optional[bool] = None):
+                  progress_bars: Optional[bool] = None, concurrent_runs: int = 1):
     """The TorchTrainer for ``config``: Ray Data splits, scaling, storage, top-k checkpoints, failure policy.
 
     ``progress_bars``: rank 0 draws a bar per epoch (default: where the driver's console is a terminal, see
     :mod:`genderid.progress`; Tune trials pass False, their sweep has one bar over the trials).
+    ``concurrent_runs``: how many such runs share the cluster at once (a sweep's trials), for the thread budget.
     """
     from genderid import progress
     from genderid.ray_data import load_split
@@ -213,7 +235,7 @@ def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks:
         train_loop_config={"config": config.to_dict(), "hooks": hooks or TrainHooks(),
                            "run_dir": runs.run_dir_of(config),
                            "progress": progress.enabled() if progress_bars is None else progress_bars,
-                           "train_rows": train_rows},
+                           "train_rows": train_rows, "concurrent_runs": concurrent_runs},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=config.scaling.placement_strategy),

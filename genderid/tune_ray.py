@@ -39,10 +39,12 @@ def trial_config(base: dict, params: dict, trials_dir: str, trial_id: str) -> Co
     return config_from_dict(values)
 
 
-def run_trial(params: dict, base: dict, trials_dir: str, hooks: Optional[TrainHooks] = None) -> None:
+def run_trial(params: dict, base: dict, trials_dir: str, hooks: Optional[TrainHooks] = None,
+              concurrent_trials: int = 1) -> None:
     """The Tune trainable: one Ray Train run (``hooks``: see :mod:`genderid.train_hooks`)."""
     config = trial_config(base, params, trials_dir, tune.get_context().get_trial_id())
-    result = build_trainer(config, hooks=hooks, callbacks=(TuneReportCallback(),), progress_bars=False).fit()
+    result = build_trainer(config, hooks=hooks, callbacks=(TuneReportCallback(),), progress_bars=False,
+                           concurrent_runs=concurrent_trials).fit()
     if result.error is not None:
         raise result.error
 
@@ -219,9 +221,10 @@ def build_tuner(config: Config, sweep_dir: str, resources: dict, hooks: Optional
 
     from genderid.ray_cleanup import OrphanReaper
 
+    trials_at_once = concurrency(config, resources)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), trials_dir=runs.path(sweep_dir, runs.TRIALS_DIR),
-                             hooks=hooks),
+                             hooks=hooks, concurrent_trials=trials_at_once),
         {"CPU": TRIAL_DRIVER_CPU})
     experiment = runs.path(sweep_dir, runs.TUNE_DIR)
     if Tuner.can_restore(experiment):
@@ -235,7 +238,7 @@ def build_tuner(config: Config, sweep_dir: str, resources: dict, hooks: Optional
         tune_config=TuneConfig(metric=config.tune.metric, mode=config.tune.mode, num_samples=config.tune.num_samples,
                                scheduler=scheduler,
                                search_alg=BasicVariantGenerator(random_state=config.tune.seed,
-                                                                max_concurrent=concurrency(config, resources))),
+                                                                max_concurrent=trials_at_once)),
         # verbose 0: the sweep's table is printed by us when it ends; --verbose brings Tune's live status back.
         run_config=RunConfig(name=runs.TUNE_DIR, storage_path=sweep_dir,
                              callbacks=[OrphanReaper(), TrialProgress(config.tune.num_samples, config.tune.metric,

