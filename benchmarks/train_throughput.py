@@ -187,7 +187,7 @@ def main() -> None:
         threads = max(1, (os.cpu_count() or 1) // workers)  # scaling.torch_threads 0: genderid.train_ray.worker_threads
         print(f"| Ray Train, {workers} worker(s) x {1 / workers:.2g} CPU, {threads} torch thread(s) each | "
               f"{value:.1f} | {value / plain:.2f} (epoch time {plain / value:.2f}x) |")
-    print(f"\nDecode + preprocess + augment of the train split alone (no training), 2 CPUs, batches of 32:\n")
+    print("\nDecode + preprocess + augment of the train split alone (no training), 2 CPUs, batches of 32:\n")
     print("| reader | images/s | vs DataLoader |\n| --- | --- | --- |")
     print(f"| torch DataLoader, 2 worker processes, the same decode function | {loader:.1f} | 1.00 |")
     print(f"| Ray Data (`genderid.ray_data.load_split`, as training reads it) | {ray_data:.1f} | "
