@@ -23,6 +23,7 @@ from PIL import Image
 from conftest import REAL_CELEBA, REPO, free_port, upload_folder
 from genderid import shards
 from genderid.checkpoint import save_checkpoint
+from genderid.cli import main
 from genderid.config import load_config, named_config_path
 from genderid.local_train import train_local
 from genderid.predictor import Predictor
@@ -541,7 +542,8 @@ def test_checkpoint_from_s3_and_bad_updates_leave_the_old_model_serving(endpoint
     assert post(endpoint["url"], model["images"][0]).status_code == 200
 
 
-def test_the_int8_onnxruntime_model_serves_once_exported_and_not_before(endpoint, local_cluster, model, prepared):
+def test_the_int8_onnxruntime_model_serves_once_exported_and_not_before(endpoint, local_cluster, model, prepared,
+                                                                         tmp_path):
     folder, url = endpoint["config_dir"], endpoint["url"]
     config = serve_config(model["checkpoint"], endpoint["port"])
     config["applications"][0]["args"].update(runtime="onnxruntime", precision="int8")
@@ -557,6 +559,14 @@ def test_the_int8_onnxruntime_model_serves_once_exported_and_not_before(endpoint
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
     assert "onnxruntime-int8 model" in export.stdout and "Traceback" not in export.stderr
+    # `genderid evaluate --runtime`: the same images through int8 and torch fp32, compared in its report.
+    out = tmp_path / "int8-report"
+    assert main(["evaluate", "--checkpoint", str(model["checkpoint"]), "--data", str(prepared / "prepared"),
+                 "--split", "val", "--out", str(out), "--runtime", "onnxruntime", "--precision", "int8"]) == 0
+    compared = json.loads((out / "report.json").read_text())["runtime"]
+    assert compared["precision"] == "int8" and compared["labels_equal_to_torch_fp32"] >= 0.9
+    assert compared["accuracy_change_points"] == pytest.approx(
+        100 * (compared["accuracy"] - compared["torch_fp32_accuracy"]))
     deploy_cli(local_cluster, config, folder / "int8.yaml")
 
     def serving_int8():
