@@ -54,10 +54,10 @@ def test_run_demo_end_to_end_predicts_over_http_and_shuts_serve_down(first_run):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["run_id"] == run_id and summary["endpoint"] == f"http://127.0.0.1:{port}"
     assert summary["test_metrics"]["split"] == "test" and 0.0 <= summary["test_metrics"]["accuracy"] <= 1.0
-    # It learned: the best checkpoint's balanced val accuracy is above chance (a constant answer scores 0.5; runs
-    # measured 0.73-0.90). The test split is 30 images after 3 epochs: its accuracy varies too much between runs
-    # (0.57-0.83 measured) to assert on.
-    assert json.loads((folder / "train" / "best.json").read_text())["metrics"]["val_balanced_accuracy"] >= 0.65
+    # It learned: the best checkpoint ranks the val images well above chance (AUC 0.5; nine runs measured
+    # 0.87-1.00). Thresholded figures on 30 images after 3 epochs vary too much between runs of the same code to
+    # assert on: test accuracy 0.57-0.83, balanced val accuracy 0.64-0.90.
+    assert json.loads((folder / "train" / "best.json").read_text())["metrics"]["val_auc"] >= 0.7
     assert len(summary["predictions"]) == 4
     for prediction in summary["predictions"]:  # answered by the endpoint: it carries the served model's version
         assert prediction["label"] in ("male", "female") and len(prediction["model_version"]) == 12
