@@ -86,6 +86,9 @@ class TrainConfig:
     # Each checkpoint's temperature and "uncertain" band are fitted on its val pass; the band is chosen so that
     # the predictions outside it reach this accuracy on val.
     calibration_target_accuracy: float = 0.99
+    # Train on the frozen blocks' outputs, computed once per image and cached under storage.path
+    # (genderid.feature_cache). Needs pretrained model.weights and data.augment false.
+    feature_cache: bool = False
 
     def validate(self) -> None:
         for key in ("epochs", "batch_size"):
@@ -122,6 +125,9 @@ class TuneConfig:
     grace_period: int = 1
     reduction_factor: int = 2
     seed: int = 0  # seeds the sampling of the search space: the same seed gives the same trials' configs
+    # Build the feature cache of every frozen prefix the trials need before they start, and train every trial
+    # on it (train.feature_cache in each trial). Needs pretrained model.weights and data.augment false.
+    feature_cache: bool = False
 
     def validate(self) -> None:
         if self.num_samples < 1:
@@ -214,7 +220,20 @@ class Config:
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        self._check_feature_cache()
         return self
+
+    def _check_feature_cache(self) -> None:
+        """The cache holds one output per image of fixed pretrained blocks: refuse it where that is wrong."""
+        key = "tune.feature_cache" if self.tune.feature_cache else "train.feature_cache"
+        if not (self.train.feature_cache or self.tune.feature_cache):
+            return
+        if self.data.augment:
+            raise ConfigError(f"{key}: needs data.augment=false (augmentation gives an image another input every "
+                              "epoch, so its frozen blocks' output cannot be computed once)")
+        if self.model.weights == "none":
+            raise ConfigError(f"{key}: needs pretrained model.weights (imagenet, a path or an s3:// URI): with "
+                              "model.weights=none the frozen blocks are random, not features worth caching")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-serialisable dict (tuples become lists)."""

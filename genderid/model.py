@@ -52,6 +52,7 @@ class GenderNet(nn.Module):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, hidden), nn.ReLU(inplace=True),
             nn.BatchNorm1d(hidden), nn.Dropout(self.config.dropout), nn.Linear(hidden, len(LABELS)),
         )
+        self.input_blocks = 0  # conv blocks the input has already been through (see set_input_blocks)
         self.set_unfreeze_depth(self.config.unfreeze_depth)
 
     def block(self, index: int) -> nn.Sequential:
@@ -70,11 +71,24 @@ class GenderNet(nn.Module):
         """Let the last ``depth`` conv blocks and the head train; freeze the rest."""
         if not 0 <= depth <= NUM_BLOCKS:
             raise ValueError(f"unfreeze_depth must be 0-{NUM_BLOCKS}, got {depth}")
+        if NUM_BLOCKS - depth < self.input_blocks:
+            raise ValueError(f"unfreeze_depth {depth} would train blocks that the input has already been through")
         self.config = dataclasses.replace(self.config, unfreeze_depth=depth)
         for index in range(NUM_BLOCKS):
             for param in self.block(index).parameters():
                 param.requires_grad_(index >= self.frozen_blocks)
         self.train(self.training)
+
+    def set_input_blocks(self, blocks: int) -> None:
+        """Take as input the output of the first ``blocks`` conv blocks instead of an image.
+
+        For training on a frozen prefix's cached outputs (:mod:`genderid.feature_cache`): those blocks must be
+        frozen, so skipping them changes nothing but the time. Not part of the model's description: the weights
+        (prefix included) and a checkpoint are those of the model that takes images.
+        """
+        if not 0 <= blocks <= self.frozen_blocks:
+            raise ValueError(f"input_blocks must be 0-{self.frozen_blocks} (the frozen blocks), got {blocks}")
+        self.input_blocks = blocks
 
     def train(self, mode: bool = True) -> "GenderNet":
         super().train(mode)
@@ -83,10 +97,10 @@ class GenderNet(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        split = self.block_bounds[self.frozen_blocks]
-        if split:
+        start, split = self.block_bounds[self.input_blocks], self.block_bounds[self.frozen_blocks]
+        if split > start:
             with torch.no_grad():
-                x = self.features[:split](x)
+                x = self.features[start:split](x)
         x = self.features[split:](x)
         return self.head(x)
 

@@ -11,6 +11,9 @@ A run (``genderid train``) and a sweep (``genderid tune``) each live in ``<stora
     tune/                a sweep: Ray Tune's experiment state
     trials/<trial id>/   a sweep: each trial's train run, laid out as above
 
+Beside the runs, ``<storage.path>/feature_cache/<key>/`` holds frozen-prefix feature caches, shared by every run
+and sweep under that path that needs the same features (:mod:`genderid.feature_cache`).
+
 ``best.json``, the same for a run and a sweep::
 
     {"kind": "train" | "sweep", "checkpoint": <location>, "metrics": <the checkpoint's epoch metrics>,
@@ -34,6 +37,7 @@ SWEEP_CONFIG_FILE = "sweep_config.json"
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 CHECKPOINT_PREFIX = "checkpoint_"
+FEATURE_CACHE_DIR = "feature_cache"
 KINDS = ("train", "sweep")
 MAX_BEST_BYTES = 1_000_000  # a pointer is a few kB; it is untrusted input all the same
 
@@ -51,6 +55,11 @@ def run_dir(storage_path: str, name: str) -> str:
 def run_dir_of(config) -> str:
     """The run or sweep folder of a :class:`genderid.config.Config`."""
     return run_dir(config.storage.path, config.storage.name)
+
+
+def feature_cache_root(storage_path: str) -> str:
+    """``<storage.path>/feature_cache``: where the feature caches of the runs under ``storage.path`` live."""
+    return storage.join(storage_root(storage_path), FEATURE_CACHE_DIR)
 
 
 def path(run: str, *parts: str) -> str:
@@ -136,7 +145,7 @@ def read_best(uri: str) -> dict:
 
 
 # Folders inside a run that are never runs themselves (listing does not descend into them).
-_RUN_INTERNALS = (TUNE_DIR, TRIALS_DIR)
+_RUN_INTERNALS = (TUNE_DIR, TRIALS_DIR, FEATURE_CACHE_DIR)
 
 
 def _describe(folder: str, name: str, names: list[str]) -> Optional[dict]:

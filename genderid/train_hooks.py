@@ -139,3 +139,20 @@ class WithoutDDP(TrainHooks):
 
     def prepare_model(self, model, prepare):
         return model
+
+
+class RecordInputs(TrainHooks):
+    """Write what each rank's model is fed, per epoch: the input shape of its train batches and the blocks the model
+    skips (``GenderNet.input_blocks``): ``<dir>/inputs-depth<unfreeze depth>-epoch<E>-rank<R>.json``."""
+
+    def __init__(self, record_dir: str):
+        self.record_dir = record_dir
+
+    def wrap_train_batches(self, batches, model, epoch, rank):
+        module = getattr(model, "module", model)
+        shapes = set()
+        for batch in batches:
+            shapes.add(tuple(batch["image"].shape[1:]))
+            yield batch
+        (Path(self.record_dir) / f"inputs-depth{module.unfreeze_depth}-epoch{epoch}-rank{rank}.json").write_text(
+            json.dumps({"shapes": sorted(shapes), "input_blocks": module.input_blocks}))

@@ -93,6 +93,8 @@ def train_loop(loop_config: dict) -> None:
             loaded = load_checkpoint(directory, with_train_state=True)
         model.load_state_dict(loaded.model.state_dict())
         state = loaded.train_state["loop"]
+    # On a feature cache the batches hold the frozen prefix's outputs: the model starts after that prefix.
+    model.set_input_blocks(loop_config.get("input_blocks", 0))
     if options.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = hooks.prepare_model(model, ray.train.torch.prepare_model)
@@ -209,24 +211,23 @@ def _epoch_metrics(epoch: int, start_epoch: int, train_parts: list, val_metrics:
 
 
 def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks: tuple = (),
-                  progress_bars: Optional[bool] = None, concurrent_runs: int = 1):
+                  progress_bars: Optional[bool] = None, concurrent_runs: int = 1,
+                  feature_cache_root: Optional[str] = None):
     """The TorchTrainer for ``config``: Ray Data splits, scaling, storage, top-k checkpoints, failure policy.
 
     ``progress_bars``: rank 0 draws a bar per epoch (default: where the driver's console is a terminal, see
     :mod:`genderid.progress`; Tune trials pass False, their sweep has one bar over the trials).
     ``concurrent_runs``: how many such runs share the cluster at once (a sweep's trials), for the thread budget.
+    ``feature_cache_root``: where ``train.feature_cache`` finds or builds its caches (default: under
+    ``storage.path``; a sweep's trials use the sweep's).
     """
     from genderid import progress
-    from genderid.ray_data import load_split
 
     train_rows = check_data_source(config)
     check_shared_storage(config.storage.path, _alive_node_hosts())
-    preprocessing = Preprocessing(image_size=tuple(config.data.image_size))
-    datasets = {
-        "train": load_split(config.data.source, "train", preprocessing, augment=config.data.augment,
-                            num_cpus=config.data.cpus_per_decode_task).randomize_block_order(),
-        "val": load_split(config.data.source, "val", preprocessing, num_cpus=config.data.cpus_per_decode_task),
-    }
+    # A sweep's trials read the caches that the sweep built and announced before they started.
+    datasets, input_blocks = training_datasets(config, feature_cache_root,
+                                               log=print if feature_cache_root is None else lambda _: None)
     resources = {"CPU": config.scaling.cpus_per_worker}
     if config.scaling.use_gpu:
         resources["GPU"] = config.scaling.gpus_per_worker
@@ -235,7 +236,8 @@ def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks:
         train_loop_config={"config": config.to_dict(), "hooks": hooks or TrainHooks(),
                            "run_dir": runs.run_dir_of(config),
                            "progress": progress.enabled() if progress_bars is None else progress_bars,
-                           "train_rows": train_rows, "concurrent_runs": concurrent_runs},
+                           "train_rows": train_rows, "concurrent_runs": concurrent_runs,
+                           "input_blocks": input_blocks},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=config.scaling.placement_strategy),
@@ -249,6 +251,27 @@ def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks:
         datasets=datasets,
         dataset_config=TrainDataConfig(),
     )
+
+
+def training_datasets(config: Config, feature_cache_root: Optional[str] = None, log=print) -> tuple[dict, int]:
+    """The train and val Ray Datasets of a run, and how many conv blocks their inputs have been through:
+    decoded images (0), or with ``train.feature_cache`` the cached outputs of the model's frozen prefix."""
+    from genderid.model import NUM_BLOCKS
+    from genderid.ray_data import load_split
+
+    cpus = config.data.cpus_per_decode_task
+    frozen = NUM_BLOCKS - config.model.unfreeze_depth
+    if config.train.feature_cache and frozen:
+        from genderid import feature_cache_ray
+
+        root = feature_cache_root or runs.feature_cache_root(config.storage.path)
+        cache_dir = feature_cache_ray.ensure(config, root, [frozen], log=log)[frozen]
+        return {"train": feature_cache_ray.load_cached_split(cache_dir, "train", cpus).randomize_block_order(),
+                "val": feature_cache_ray.load_cached_split(cache_dir, "val", cpus)}, frozen
+    preprocessing = Preprocessing(image_size=tuple(config.data.image_size))
+    return {"train": load_split(config.data.source, "train", preprocessing, augment=config.data.augment,
+                                num_cpus=cpus).randomize_block_order(),
+            "val": load_split(config.data.source, "val", preprocessing, num_cpus=cpus)}, 0
 
 
 def check_data_source(config: Config) -> int:

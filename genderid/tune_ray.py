@@ -32,6 +32,7 @@ def trial_config(base: dict, params: dict, trials_dir: str, trial_id: str) -> Co
     """The trial's full config: the sweep's config with the sampled values, run under ``trials_dir/trial_id``."""
     values = search.apply_params(copy.deepcopy(base), search.params_of(params))
     values["train"]["epochs"] = values["tune"]["max_epochs"]
+    values["train"]["feature_cache"] = values["train"]["feature_cache"] or values["tune"]["feature_cache"]
     # Keep the checkpoints that are best by the sweep's metric, so the best one is never rotated away.
     values["train"]["checkpoint_metric"] = values["tune"]["metric"]
     values["train"]["checkpoint_mode"] = values["tune"]["mode"]
@@ -40,11 +41,11 @@ def trial_config(base: dict, params: dict, trials_dir: str, trial_id: str) -> Co
 
 
 def run_trial(params: dict, base: dict, trials_dir: str, hooks: Optional[TrainHooks] = None,
-              concurrent_trials: int = 1) -> None:
+              concurrent_trials: int = 1, feature_cache_root: Optional[str] = None) -> None:
     """The Tune trainable: one Ray Train run (``hooks``: see :mod:`genderid.train_hooks`)."""
     config = trial_config(base, params, trials_dir, tune.get_context().get_trial_id())
     result = build_trainer(config, hooks=hooks, callbacks=(TuneReportCallback(),), progress_bars=False,
-                           concurrent_runs=concurrent_trials).fit()
+                           concurrent_runs=concurrent_trials, feature_cache_root=feature_cache_root).fit()
     if result.error is not None:
         raise result.error
 
@@ -224,7 +225,8 @@ def build_tuner(config: Config, sweep_dir: str, resources: dict, hooks: Optional
     trials_at_once = concurrency(config, resources)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), trials_dir=runs.path(sweep_dir, runs.TRIALS_DIR),
-                             hooks=hooks, concurrent_trials=trials_at_once),
+                             hooks=hooks, concurrent_trials=trials_at_once,
+                             feature_cache_root=runs.feature_cache_root(config.storage.path)),
         {"CPU": TRIAL_DRIVER_CPU})
     experiment = runs.path(sweep_dir, runs.TUNE_DIR)
     if Tuner.can_restore(experiment):
@@ -271,6 +273,12 @@ def run_sweep(config: Config, hooks: Optional[TrainHooks] = None) -> tuple[list[
     # A resumed sweep keeps the callbacks it was started with (Tune restores them); a new one gets the tracker.
     callbacks = () if sweep_run is None else (
         TrialTracker(tracker, config.tracking.experiment, sweep_dir, sweep_run),)
+    if config.tune.feature_cache or config.train.feature_cache:
+        # Built once, before any trial starts: trials only read them (concurrent trials never build one twice).
+        from genderid.feature_cache import frozen_blocks_of
+        from genderid.feature_cache_ray import ensure
+
+        ensure(config, runs.feature_cache_root(config.storage.path), frozen_blocks_of(config.tune.unfreeze_depth))
     tuner = build_tuner(config, sweep_dir, ray.cluster_resources(), hooks, callbacks)
     if not resuming:
         storage.write_bytes(runs.path(sweep_dir, runs.SWEEP_CONFIG_FILE),
