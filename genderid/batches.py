@@ -21,3 +21,27 @@ def to_model_batch(columns: Mapping[str, np.ndarray], preprocessing: Preprocessi
     attributes = np.stack([np.asarray(columns[name], dtype=np.int8) for name in ATTRIBUTES], axis=1) \
         if len(male) else np.zeros((0, len(ATTRIBUTES)), np.int8)
     return {"image": images, "male": male, "attributes": attributes}
+
+
+def corrupted_batch(columns: Mapping[str, np.ndarray], preprocessing: Preprocessing) -> dict[str, np.ndarray]:
+    """Every row under every corruption at every severity 1..MAX (see :mod:`genderid.corruptions`), preprocessed.
+
+    Returns ``image`` float32 NCHW, ``male`` int64, ``corruption`` (index into ``CORRUPTIONS``) and ``severity``;
+    rows come out grouped by input row. The corruption applies to the full-size decoded image, as to a user's photo.
+    """
+    from genderid.corruptions import CORRUPTIONS, MAX_SEVERITY, corrupt
+    from genderid.preprocess import open_image
+
+    images, male, corruption, severity = [], [], [], []
+    for data, label, image_id in zip(columns["image"], columns["male"], columns["image_id"]):
+        photo = open_image(data)
+        for index, spec in enumerate(CORRUPTIONS):
+            for level in range(1, MAX_SEVERITY + 1):
+                images.append(preprocessing(corrupt(photo, spec.name, level, str(image_id))))
+                male.append(int(label))
+                corruption.append(index)
+                severity.append(level)
+    height, width = preprocessing.image_size
+    return {"image": np.stack(images) if images else np.zeros((0, 3, height, width), np.float32),
+            "male": np.asarray(male, dtype=np.int64), "corruption": np.asarray(corruption, dtype=np.int64),
+            "severity": np.asarray(severity, dtype=np.int64)}

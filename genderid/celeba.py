@@ -33,7 +33,7 @@ ATTR_FILE = "list_attr_celeba.txt"
 PARTITION_FILE = "list_eval_partition.txt"
 IDENTITY_FILE = "identity_CelebA.txt"
 SPLITS = {"train": 0, "val": 1, "test": 2}
-SPLIT_RECIPES = ("official", "balanced")
+SPLIT_RECIPES = ("official", "balanced", "selection")
 
 
 class CelebaFormatError(UserError, ValueError):
@@ -196,4 +196,33 @@ def balanced_split(index: CelebaIndex, per_class: int, test_per_class: int, val_
         split[shuffled[:n_val]] = SPLITS["val"]
         if test_per_class:
             split[rows[-test_per_class:]] = SPLITS["test"]
+    return split
+
+
+def selection_split(index: CelebaIndex, select_fraction: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Model selection on identities of its own, as an int8 [N] of 0 train / 1 val / 2 test / -1 unused.
+
+    A seeded ``select_fraction`` of the official train split's identities becomes the ``val`` split: what early
+    stopping, checkpoint ranking and Tune's metric choose on. The official val and test images become ``test``:
+    only reported, never chosen on. All three are identity-disjoint: a train image whose identity also appears in
+    the official val or test is left out (-1).
+    """
+    if index.identity is None:
+        raise CelebaFormatError(f"{storage.join(index.root, IDENTITY_FILE)}: needed by the 'selection' split recipe")
+    if not 0 < select_fraction < 1:
+        raise SplitError(f"selection split: select_fraction must be in (0, 1), got {select_fraction}")
+    official = official_split(index)
+    train = official == SPLITS["train"]
+    reported = (official == SPLITS["val"]) | (official == SPLITS["test"])
+    identities = np.unique(index.identity[train])
+    count = int(round(len(identities) * select_fraction))
+    if count < 1 or count >= len(identities):
+        raise SplitError(f"selection split: {len(identities)} train identities cannot give {select_fraction:.0%} "
+                         "to selection and keep some for training")
+    chosen = np.random.default_rng(seed).permutation(identities)[:count]
+    split = np.full(len(index.image_ids), -1, dtype=np.int8)
+    split[train] = SPLITS["train"]
+    split[train & np.isin(index.identity, chosen)] = SPLITS["val"]
+    split[reported] = SPLITS["test"]
+    split[train & np.isin(index.identity, index.identity[reported])] = -1
     return split

@@ -81,7 +81,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from genderid.runtime import RuntimeSettings
 
     settings = RuntimeSettings(args.runtime, args.precision)
-    report = evaluate_checkpoint(args.checkpoint, args.data, args.out, split=args.split, settings=settings)
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.out, split=args.split, settings=settings,
+                                 robustness=args.robustness)
     compared = report["runtime"]
     if "accuracy_change_points" in compared:
         print(f"{settings.name}: accuracy {compared['accuracy']:.4f} vs torch fp32 "
@@ -94,6 +95,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"ECE {calibration['ece_before']:.4f} before / {calibration['ece_after']:.4f} after calibration "
           f"(T = {calibration['temperature']:.3f}), {calibration['uncertain_share']:.1%} uncertain; "
           f"report and MODEL_CARD.md: {args.out}")
+    if "robustness" in report:
+        worst = report["robustness"]["worst"][0]
+        block = report["robustness"]
+        means = ", ".join(f"{a:.4f}" for a in block["mean_accuracy_by_severity"])
+        print(f"robustness: mean accuracy over corruptions {means} at severities "
+              f"{', '.join(map(str, block['severities']))}; largest drop: {worst['corruption']} "
+              f"({worst['accuracy_drop_points']:.1f} points)")
     return 0
 
 
@@ -252,11 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="CelebA folder (local or s3://) -> Parquet shards")
     prepare.add_argument("--celeba", required=True, help="CelebA folder or s3:// prefix")
     prepare.add_argument("--out", required=True, help="destination folder or s3:// prefix")
-    prepare.add_argument("--split", choices=("official", "balanced"), default="official",
-                         help="official: list_eval_partition.txt; balanced: the seed study's recipe")
+    from genderid.celeba import SPLIT_RECIPES
+
+    prepare.add_argument("--split", choices=SPLIT_RECIPES, default="official",
+                         help="official: list_eval_partition.txt; balanced: the seed study's recipe; selection: "
+                              "val = 10%% of the train identities (model selection), test = the official val and "
+                              "test (reported only)")
     prepare.add_argument("--per-class", type=int, default=20000, help="balanced: train+val images per class")
     prepare.add_argument("--test-per-class", type=int, default=500, help="balanced: test images per class")
-    prepare.add_argument("--seed", type=int, default=0, help="balanced: seed of the train/val shuffle")
+    prepare.add_argument("--seed", type=int, default=0, help="balanced, selection: seed of the split")
     prepare.add_argument("--rows-per-shard", type=int, default=2000)
     prepare.add_argument("--align", action="store_true",
                          help="detect and align each image's largest face to CelebA's crop (for tight crops or "
@@ -286,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="what runs the model; other than torch fp32, the report compares it with torch fp32")
     evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32",
                           help="int8: onnxruntime, calibrated on --data's val images when not built yet")
+    evaluate.add_argument("--robustness", action="store_true",
+                          help="also score the split under photo corruptions (blur, JPEG, brightness, contrast, "
+                               "noise, rotation, shift, downscaling, grayscale) at severities 1-3")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     export = commands.add_parser("export", help="build a checkpoint's ONNX Runtime model (int8: calibrated on val "

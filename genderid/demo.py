@@ -194,12 +194,16 @@ def _run_steps(config, run_id: str, run_path: Path, workdir_path: Path, data: st
     _step(5, "evaluate the best checkpoint")
     split = default_split(data)
     report_dir = run_path / "report"
-    report = evaluate_checkpoint(best["checkpoint"], data, str(report_dir), split)
+    report = evaluate_checkpoint(best["checkpoint"], data, str(report_dir), split, robustness=True)
     tracking.log_report(train_config, str(report_dir))
     print(f"[demo] {split} accuracy {report['accuracy']:.3f}, balanced accuracy {report['balanced_accuracy']:.3f}, "
           f"AUC {report['auc']:.3f} on {report['count']} images; ECE {report['calibration']['ece_before']:.3f} -> "
           f"{report['calibration']['ece_after']:.3f} calibrated, {report['calibration']['uncertain_share']:.1%} "
           f"uncertain; model card: {report_dir / 'MODEL_CARD.md'}")
+    worst = report["robustness"]["worst"][0]
+    print(f"[demo] under photo corruptions (severity 1-3) mean accuracy "
+          f"{', '.join(f'{a:.3f}' for a in report['robustness']['mean_accuracy_by_severity'])}; largest drop: "
+          f"{worst['corruption']} ({worst['accuracy_drop_points']:.1f} points); {report_dir / 'robustness.png'}")
     # The workdir's latest.json names this run's model: what serve_config.yaml serves by default.
     runs.write_best(str(workdir_path), "train", best["checkpoint"], params=sweep_best["params"], file=LATEST_FILE)
     latest_pointer = runs.path(str(workdir_path), LATEST_FILE)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genderid import progress, runtime, shards, storage
+from genderid import progress, robustness, runtime, shards, storage
 from genderid.calibration import Calibration, expected_calibration_error, reliability, sigmoid
 from genderid.celeba import ATTRIBUTES
 from genderid.checkpoint import load_checkpoint
@@ -65,13 +65,27 @@ def model_summary(loaded) -> dict:
             "train": config.get("train"), "faces": loaded.preprocessing.faces.to_dict()}
 
 
+def robustness_report(model, source: str, split: str, preprocessing, rows: int, clean: dict) -> dict:
+    """Accuracy on ``split`` under each corruption and severity, from one Ray Data pass (see :mod:`robustness`)."""
+    from genderid.corruptions import CORRUPTIONS, MAX_SEVERITY
+    from genderid.ray_data import load_corrupted_split, torch_collate
+
+    dataset = load_corrupted_split(source, split, preprocessing)
+    images = rows * len(CORRUPTIONS) * MAX_SEVERITY
+    batches = dataset.iter_torch_batches(batch_size=EVAL_BATCH_SIZE, collate_fn=torch_collate())
+    counts = robustness.score(model, progress.track(batches, math.ceil(images / EVAL_BATCH_SIZE),
+                                                    f"robustness {split}", "batches"))
+    return robustness.report(counts, clean)
+
+
 def evaluate_checkpoint(checkpoint: str, source: str, out: str, split: str = "test",
-                        settings: RuntimeSettings = RuntimeSettings()) -> dict:
+                        settings: RuntimeSettings = RuntimeSettings(), robustness: bool = False) -> dict:
     """Evaluate ``checkpoint`` on ``split`` of ``source``; write the report to ``out`` (path or s3://).
 
     ``settings``: the runtime that runs the model (an int8 model is built from ``source``'s val images when it
     does not exist yet); other than torch fp32, the report's ``runtime`` block compares it with torch fp32 on the
-    same images.
+    same images. ``robustness``: also score the split under every photo corruption at every severity
+    (:mod:`genderid.robustness`; the report's ``robustness`` block and ``robustness.png``).
     """
     from genderid.ray_data import load_split, torch_collate
     from genderid.ray_runtime import init_ray
@@ -103,6 +117,9 @@ def evaluate_checkpoint(checkpoint: str, source: str, out: str, split: str = "te
     if settings != RuntimeSettings():
         reference = run(loaded.model, f"evaluate {split} (torch fp32)")
         report["runtime"].update(runtime_comparison(predictions, reference))
+    if robustness:
+        report["robustness"] = robustness_report(model, source, split, loaded.preprocessing, counts[split]["total"],
+                                                 metrics)
     with tempfile.TemporaryDirectory() as directory:
         write_report(Path(directory), report, loaded.labels, loaded.meta.get("history"))
         storage.upload_dir(directory, out)

@@ -10,11 +10,11 @@ from typing import Sequence
 
 import numpy as np
 
-from genderid import feature_cache, storage
+from genderid import feature_cache, shards, storage
 from genderid.config import Config
 from genderid.preprocess import Preprocessing
 
-BUILD_BATCH = 64  # images per forward pass and per part file: small parts spread evenly over Train workers
+FORWARD_BATCH = 64  # images per forward pass of the prefix (a part file holds several)
 
 
 def _prefix_model(config: Config):
@@ -48,12 +48,16 @@ class PrefixWriter:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"])).to(self.device)
-        outputs = feature_cache.prefix_outputs(self.model, images, list(self.caches))
+        images = np.require(batch["image"], requirements=["C", "W"])
+        outputs = {blocks: [] for blocks in self.caches}
+        for start in range(0, len(images), FORWARD_BATCH):
+            chunk = torch.from_numpy(images[start:start + FORWARD_BATCH]).to(self.device)
+            for blocks, value in feature_cache.prefix_outputs(self.model, chunk, list(self.caches)).items():
+                outputs[blocks].append(value.float().cpu().numpy())
         files, rows, blocks_column = [], [], []
         for blocks, entry in self.caches.items():
             part = feature_cache.write_part(entry["dir"], self.split, batch["image_id"], batch["male"],
-                                            outputs[blocks].float().cpu().numpy())
+                                            np.concatenate(outputs[blocks]))
             files.append(part["file"])
             rows.append(part["rows"])
             blocks_column.append(blocks)
@@ -80,6 +84,9 @@ def ensure(config: Config, cache_root: str, frozen_blocks: Sequence[int], log=pr
     if reused:
         log(f"[cache] reusing the features of the first {_blocks(reused)} conv block(s) from {cache_root}")
     if missing:
+        from genderid.train_ray import _alive_node_hosts, check_shared_storage
+
+        check_shared_storage(cache_root, _alive_node_hosts())  # the build's actors write from every node
         started = time.perf_counter()
         rows = build(config, model, preprocessing, {b: (dirs[b], fields[b]) for b in missing})
         log(f"[cache] computed the features of the first {_blocks(missing)} conv block(s) for {rows} images in "
@@ -110,13 +117,17 @@ def build(config: Config, model, preprocessing: Preprocessing, caches: dict[int,
     spec = {b: {"dir": directory, "fields": fields} for b, (directory, fields) in caches.items()}
     resources = {"num_gpus": config.scaling.gpus_per_worker} if config.scaling.use_gpu else {}
     parts: dict[int, dict[str, list]] = {b: {} for b in caches}
+    counts = shards.read_manifest(config.data.source)["counts"]
     for split in feature_cache.SPLITS:
         images = load_split(config.data.source, split, preprocessing, augment=False,
-                            num_cpus=config.data.cpus_per_decode_task, batch_size=BUILD_BATCH)
+                            num_cpus=config.data.cpus_per_decode_task, batch_size=FORWARD_BATCH)
+        part_rows = feature_cache.rows_per_part(counts[split]["total"], config.scaling.num_workers)
         written = quiet(images.map_batches(
             PrefixWriter, fn_constructor_kwargs={"config": config.to_dict(), "caches": spec, "split": split},
-            batch_size=BUILD_BATCH, batch_format="numpy", concurrency=(1, config.scaling.num_workers),
-            num_cpus=config.scaling.cpus_per_worker, **resources)).take_all()
+            batch_size=part_rows, batch_format="numpy", concurrency=(1, config.scaling.num_workers),
+            # No actor restarts: a failed build is simply redone, and Ray warns on every start of a restartable
+            # actor whose constructor arguments sit in the object store.
+            num_cpus=config.scaling.cpus_per_worker, max_restarts=0, **resources)).take_all()
         for row in written:
             parts[int(row["frozen_blocks"])].setdefault(split, []).append(
                 {"file": str(row["file"]), "rows": int(row["rows"])})
@@ -147,5 +158,6 @@ def load_cached_split(cache_dir: str, split: str, num_cpus: float = 0.25):
     uris = feature_cache.part_uris(cache_dir, manifest, split)
     if not uris:
         raise feature_cache.FeatureCacheError(f"{cache_dir}: the feature cache has no {split} rows")
+    # One call per part (a block): the decode is a single frombuffer.
     return quiet(ray.data.read_parquet(uris).map_batches(DecodeFeatures(manifest["shape"]), batch_format="numpy",
-                                                         batch_size=BUILD_BATCH, num_cpus=num_cpus))
+                                                         batch_size=None, num_cpus=num_cpus))

@@ -80,6 +80,18 @@ def model_card(report: dict) -> str:
         entry = report["subgroups"][row["attribute"]]
         lines.append(f"| {row['attribute']} | {_num(row['present'])} ({entry['present']['count']}) | "
                      f"{_num(row['absent'])} ({entry['absent']['count']}) | {_num(row['gap'])} |")
+    robustness = report.get("robustness")
+    if robustness:
+        lines += ["", "## Robustness",
+                  f"Accuracy on this split under common photo corruptions, severities 1-3 (clean: "
+                  f"{_num(robustness['clean']['accuracy'])}; `robustness.png`). The largest drops:", "",
+                  "| corruption | what the severities are | " + " | ".join(f"severity {s}" for s in
+                                                                         robustness["severities"]) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in robustness["severities"]) + " |"]
+        for row in robustness["worst"]:
+            entry = robustness["corruptions"][row["corruption"]]
+            lines.append(f"| {row['corruption']} | {entry['parameter']}: {', '.join(f'{v:g}' for v in entry['levels'])}"
+                         f" | " + " | ".join(_num(a) for a in entry["accuracy"]) + " |")
     lines += [
         "",
         "## Intended use",

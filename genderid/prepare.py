@@ -24,6 +24,9 @@ def run_on_ray_data(fn: Callable[[dict], dict], specs: list[dict], num_cpus: flo
             for row in progress.track(results.iter_rows(), len(specs), "prepare", "shards")]
 
 
+SELECT_FRACTION = 0.1  # the selection recipe's share of train identities held out for model selection
+
+
 def split_for(index: celeba.CelebaIndex, recipe: str, per_class: int, test_per_class: int, seed: int):
     """The split column and the manifest's description of how it was made."""
     if recipe == "official":
@@ -32,6 +35,11 @@ def split_for(index: celeba.CelebaIndex, recipe: str, per_class: int, test_per_c
         split = celeba.balanced_split(index, per_class, test_per_class, val_fraction=0.2, seed=seed)
         return split, {"recipe": "balanced", "per_class": per_class, "test_per_class": test_per_class,
                        "val_fraction": 0.2, "seed": seed}
+    if recipe == "selection":
+        return celeba.selection_split(index, select_fraction=SELECT_FRACTION, seed=seed), {
+            "recipe": "selection", "select_fraction": SELECT_FRACTION, "seed": seed,
+            "val": "a seeded share of the official train identities: model selection",
+            "test": "the official val and test images: reported, never chosen on"}
     raise celeba.SplitError(f"split recipe must be one of {celeba.SPLIT_RECIPES}, got {recipe!r}")
 
 

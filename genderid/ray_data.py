@@ -6,7 +6,7 @@ from typing import Optional
 import numpy as np
 
 from genderid import shards
-from genderid.batches import to_model_batch
+from genderid.batches import corrupted_batch, to_model_batch
 from genderid.celeba import ATTRIBUTES, SPLITS
 from genderid.preprocess import Preprocessing
 
@@ -40,6 +40,29 @@ def load_split(source: str, split: str, preprocessing: Preprocessing, augment: b
     dataset = dataset.filter(expr=col("split") == SPLITS[split])
     return quiet(dataset.map_batches(Decode(preprocessing, augment, keep_attributes), batch_format="numpy",
                                      batch_size=batch_size, num_cpus=num_cpus))
+
+
+class CorruptedDecode:
+    """``map_batches`` callable: Parquet rows -> every corruption and severity of each (:mod:`genderid.robustness`)."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        self.preprocessing = preprocessing
+
+    def __call__(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return corrupted_batch(columns, self.preprocessing)
+
+
+def load_corrupted_split(source: str, split: str, preprocessing: Preprocessing, num_cpus: float = 0.25,
+                         rows_per_batch: int = 4):
+    """One split under every corruption at every severity, as one lazily decoded Ray Dataset
+    (``rows_per_batch`` input rows become that many x corruptions x severities images per output batch)."""
+    import ray.data
+    from ray.data.expressions import col
+
+    dataset = ray.data.read_parquet(shards.shard_uris(source)).select_columns(["image_id", "image", "male", "split"])
+    dataset = dataset.filter(expr=col("split") == SPLITS[split])
+    return quiet(dataset.map_batches(CorruptedDecode(preprocessing), batch_format="numpy",
+                                     batch_size=rows_per_batch, num_cpus=num_cpus))
 
 
 def quiet(dataset):

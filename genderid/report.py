@@ -115,6 +115,24 @@ def plot_reliability(before: list[dict], after: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_robustness(block: dict, path: Path) -> None:
+    """Accuracy against severity, one line per corruption, the clean accuracy as a dashed line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    severities = block["severities"]
+    for name, entry in block["corruptions"].items():
+        ax.plot(severities, entry["accuracy"], marker="o", label=name)
+    ax.axhline(block["clean"]["accuracy"], color="black", linestyle="--", label="clean")
+    ax.set_xticks(severities)
+    ax.set_xlabel("severity")
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy under photo corruptions")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_report(directory: Path, report: dict, labels: list[str], history: Optional[list[dict]] = None) -> list[str]:
     """Write ``report.json``, the plots and (for a checkpoint's evaluation) ``MODEL_CARD.md`` into a local folder;
     returns the file names."""
@@ -133,6 +151,9 @@ def write_report(directory: Path, report: dict, labels: list[str], history: Opti
     if report.get("subgroups"):
         plot_subgroups(report["subgroups"], directory / "subgroup_accuracy.png")
         files.append("subgroup_accuracy.png")
+    if report.get("robustness"):
+        plot_robustness(report["robustness"], directory / "robustness.png")
+        files.append("robustness.png")
     if history:
         plot_history(history, directory / "training_curves.png")
         files.append("training_curves.png")

@@ -64,13 +64,16 @@ def test_run_demo_end_to_end_predicts_over_http_and_shuts_serve_down(first_run):
         assert isinstance(prediction["uncertain"], bool)
     assert (folder / "sweep" / "results.csv").is_file() and (folder / "report" / "report.json").is_file()
     card = (folder / "report" / "MODEL_CARD.md").read_text()  # the demo leaves a model card behind
-    assert "## Calibration" in card and "## Limits" in card
+    assert "## Calibration" in card and "## Limits" in card and "## Robustness" in card
+    robustness = json.loads((folder / "report" / "report.json").read_text())["robustness"]  # the demo scores it
+    assert len(robustness["corruptions"]) == 9 and (folder / "report" / "robustness.png").is_file()
+    assert all(entry["count"] == summary["test_metrics"]["count"] for entry in robustness["corruptions"].values())
     best = json.loads((folder / "train" / "best.json").read_text())["checkpoint"]
     assert best == summary["outputs"]["best_checkpoint"]
     assert json.loads((workdir / "latest.json").read_text())["checkpoint"] == best  # what serve_config.yaml serves
     for text in (f"[demo] run {run_id}", "step 3/7: Tune sweep", "trial_id | config/lr", "step 4/7: train",
-                 "[demo] summary", f"try it in a browser: http://127.0.0.1:{port}/", "model card:",
-                 "shut down cleanly"):
+                 "[demo] summary", "under photo corruptions", f"try it in a browser: http://127.0.0.1:{port}/",
+                 "model card:", "shut down cleanly"):
         assert text in run.stdout, text
     from ray import serve
 
@@ -83,7 +86,7 @@ def test_the_demo_console_is_ours_not_rays(first_run):
     # What a terminal shows: a bar redraws its line with '\r', so each line is what its last redraw left.
     lines = [line.split("\r")[-1] for line in run.stdout.split("\n")]
     assert len(lines) < 150, "\n".join(lines)
-    for bar in ("prepare:", "sweep:", "epoch 1/3:", "evaluate test:"):  # a bar per long step, each run to the end
+    for bar in ("prepare:", "sweep:", "epoch 1/3:", "evaluate test:", "robustness test:"):  # each run to the end
         assert any(line.startswith(bar) and "100%" in line for line in lines), bar
     repeated = [a for a, b in zip(lines, lines[1:]) if a.strip() and a == b]
     assert repeated == []

@@ -112,3 +112,25 @@ def test_balanced_split_follows_the_seed_recipe(synthetic_celeba):
     assert not np.array_equal(split, balanced_split(index, per_class, test_per_class, seed=1))
     with pytest.raises(ValueError, match=f"the data set has {min(n_male, n_female)}"):
         balanced_split(index, max(n_male, n_female), 0)
+
+
+def test_selection_split_holds_out_train_identities_for_model_selection():
+    rng = np.random.default_rng(3)
+    n = 600
+    identity = rng.integers(0, 120, n).astype(np.int32)
+    partition = np.where(identity < 80, 0, np.where(identity < 100, 1, 2)).astype(np.int8)  # identity-disjoint
+    partition[:3] = 1  # ... except three official val images of train identities (CelebA's own files could)
+    attributes = np.zeros((n, len(ATTRIBUTES)), np.int8)
+    index = celeba.CelebaIndex(root="r", image_ids=[f"{i:06d}.jpg" for i in range(n)], attributes=attributes,
+                               partition=partition, identity=identity)
+    split = celeba.selection_split(index, select_fraction=0.1, seed=0)
+    groups = {code: set(identity[split == code]) for code in (0, 1, 2)}
+    assert groups[0] and groups[1] and groups[2]
+    assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
+    assert len(groups[1]) == round(len(set(identity[partition == 0])) * 0.1)
+    assert np.all(split[partition != 0] == 2)  # everything official val/test is only reported
+    assert set(split[(partition == 0) & np.isin(identity, identity[:3])]) == {-1}  # left out, not leaked
+    assert np.array_equal(split, celeba.selection_split(index, 0.1, seed=0))
+    assert not np.array_equal(split, celeba.selection_split(index, 0.1, seed=1))
+    with pytest.raises(CelebaFormatError, match="identity_CelebA.txt"):
+        celeba.selection_split(celeba.CelebaIndex("r", index.image_ids, attributes, partition, None))

@@ -160,3 +160,10 @@ def test_the_cache_is_refused_where_one_output_per_image_would_be_wrong(tmp_path
             load_config(tiny, [f"{key}=true", usable[1]])
         with pytest.raises(ConfigError, match=f"{key}: needs pretrained model.weights"):
             load_config(tiny, [f"{key}=true", usable[0]])
+
+
+def test_parts_are_few_but_several_per_worker():
+    assert feature_cache.rows_per_part(8021, 1) == 512  # 16 parts: Ray Data's per-file cost stays ~2 s a pass
+    assert feature_cache.rows_per_part(2000, 1) == 250  # 8 parts for the one worker
+    assert feature_cache.rows_per_part(480, 2) == 64  # small splits: parts of at least 64 rows
+    assert feature_cache.rows_per_part(0, 2) == 64

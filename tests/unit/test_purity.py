@@ -9,7 +9,8 @@ PURE_MODULES = ["genderid.config", "genderid.preprocess", "genderid.model", "gen
                 "genderid.http_inputs", "genderid.client", "genderid.runs", "genderid.search", "genderid.errors",
                 "genderid.train_hooks", "genderid.batching", "genderid.loadgen", "genderid.calibration",
                 "genderid.faces", "genderid.scenes", "genderid.annotate", "genderid.model_card", "genderid.report",
-                "genderid.tracking", "genderid.progress", "genderid.runtime", "genderid.feature_cache"]
+                "genderid.tracking", "genderid.progress", "genderid.runtime", "genderid.feature_cache",
+                "genderid.corruptions", "genderid.robustness"]
 
 SCRIPT = textwrap.dedent("""
     import importlib, importlib.abc, sys
