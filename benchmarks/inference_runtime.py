@@ -103,6 +103,37 @@ def accuracy_rows(checkpoint: str, data: str) -> list[str]:
             "| --- | --- | --- | --- |", *rows]
 
 
+def flip_tta_rows(name: str, loaded, seconds: float, rng, checkpoint=None, data=None) -> list[str]:
+    """Horizontal-flip TTA (the predictor's and Serve's ``flip_tta``) against plain torch fp32: speed, and with
+    ``checkpoint`` and ``data`` the val accuracy of both."""
+    size = tuple(loaded.preprocessing.image_size)
+    plain = runtime.forward_for(loaded, RuntimeSettings())
+    tta = runtime.flip_averaged(plain)
+    rows = ["| model | batch | torch fp32 images/s (baseline) | with flip TTA | ratio |",
+            "| --- | --- | --- | --- | --- |"]
+    for batch_size in (1, 16):
+        batch = rng.standard_normal((batch_size, 3, *size)).astype(np.float32)
+        base, flipped = images_per_s(plain, batch, seconds), images_per_s(tta, batch, seconds)
+        rows.append(f"| {name} | {batch_size} | {base:.1f} | {flipped:.1f} | {flipped / base:.2f}x |")
+    if checkpoint and data:
+        from genderid.checkpoint import load_checkpoint
+
+        trained = load_checkpoint(checkpoint)
+        forwards = {"torch fp32": runtime.forward_for(trained, RuntimeSettings())}
+        forwards["torch fp32 + flip TTA"] = runtime.flip_averaged(forwards["torch fp32"])
+        rows += ["", f"Val split of `{data}`, checkpoint `{checkpoint}`:", "",
+                 "| predictor | val accuracy | balanced accuracy |", "| --- | --- | --- |"]
+        for label, forward in forwards.items():
+            predicted, true = [], []
+            for images, male in val_batches(data, trained.preprocessing, 1):
+                predicted.append(forward(images).argmax(1))
+                true.append(male)
+            predicted, true = np.concatenate(predicted), np.concatenate(true)
+            balanced = np.mean([np.mean(predicted[true == c] == c) for c in (0, 1) if np.any(true == c)])
+            rows.append(f"| {label} | {np.mean(predicted == true):.4f} | {balanced:.4f} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -110,6 +141,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a checkpoint (or best.json) for the accuracy part")
     parser.add_argument("--data", help="the prepared data set whose val split the accuracy part uses")
     parser.add_argument("--skip-vgg16", action="store_true", help="leave out real-width VGG16 at 224 (slow)")
+    parser.add_argument("--flip-tta", action="store_true", help="only measure flip TTA against plain torch fp32 "
+                        "(the cpu.yaml model; with --checkpoint and --data also its val accuracy)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,6 +155,15 @@ def main() -> None:
     models = [("cpu.yaml model", GenderNet(cpu.model), tuple(cpu.data.image_size))]
     if not args.skip_vgg16:
         models.append(("real-width VGG16", GenderNet(width=1.0, batch_norm=False), (224, 224)))
+    if args.flip_tta:
+        with tempfile.TemporaryDirectory() as directory:
+            name, model, size = models[0]
+            loaded = checkpoint_of(model, size, Path(directory, "run", "checkpoint_000000"))
+            rows = flip_tta_rows(f"{name}, {size[0]}x{size[1]}", loaded, args.seconds, rng, args.checkpoint, args.data)
+        print(f"## Flip test-time augmentation ({time.strftime('%Y-%m-%d')}; `python benchmarks/inference_runtime.py "
+              f"{' '.join(sys.argv[1:])}`; {torch.get_num_threads()} threads)\n")
+        print("\n".join(rows))
+        return
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         for index, (name, model, size) in enumerate(models):

@@ -82,10 +82,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     settings = RuntimeSettings(args.runtime, args.precision)
     report = evaluate_checkpoint(args.checkpoint, args.data, args.out, split=args.split, settings=settings,
-                                 robustness=args.robustness)
+                                 robustness=args.robustness, flip_tta=args.flip_tta)
     compared = report["runtime"]
     if "accuracy_change_points" in compared:
-        print(f"{settings.name}: accuracy {compared['accuracy']:.4f} vs torch fp32 "
+        name = settings.name + (" + flip TTA" if args.flip_tta else "")
+        print(f"{name}: accuracy {compared['accuracy']:.4f} vs torch fp32 "
               f"{compared['torch_fp32_accuracy']:.4f} ({compared['accuracy_change_points']:+.2f} points); "
               "labels equal to torch fp32 on "
               f"{compared['labels_equal_to_torch_fp32']:.2%} of images")
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="what runs the model; other than torch fp32, the report compares it with torch fp32")
     evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32",
                           help="int8: onnxruntime, calibrated on --data's val images when not built yet")
+    evaluate.add_argument("--flip-tta", action="store_true",
+                          help="average each image with its mirror image; the report compares it with torch fp32")
     evaluate.add_argument("--robustness", action="store_true",
                           help="also score the split under photo corruptions (blur, JPEG, brightness, contrast, "
                                "noise, rotation, shift, downscaling, grayscale) at severities 1-3")

@@ -79,13 +79,15 @@ def robustness_report(model, source: str, split: str, preprocessing, rows: int, 
 
 
 def evaluate_checkpoint(checkpoint: str, source: str, out: str, split: str = "test",
-                        settings: RuntimeSettings = RuntimeSettings(), robustness: bool = False) -> dict:
+                        settings: RuntimeSettings = RuntimeSettings(), robustness: bool = False,
+                        flip_tta: bool = False) -> dict:
     """Evaluate ``checkpoint`` on ``split`` of ``source``; write the report to ``out`` (path or s3://).
 
     ``settings``: the runtime that runs the model (an int8 model is built from ``source``'s val images when it
     does not exist yet); other than torch fp32, the report's ``runtime`` block compares it with torch fp32 on the
-    same images. ``robustness``: also score the split under every photo corruption at every severity
-    (:mod:`genderid.robustness`; the report's ``robustness`` block and ``robustness.png``).
+    same images (as it does with ``flip_tta``, the mirror-image average). ``robustness``: also score the split
+    under every photo corruption at every severity (:mod:`genderid.robustness`; the report's ``robustness`` block
+    and ``robustness.png``).
     """
     from genderid.ray_data import load_split, torch_collate
     from genderid.ray_runtime import init_ray
@@ -96,10 +98,12 @@ def evaluate_checkpoint(checkpoint: str, source: str, out: str, split: str = "te
         raise shards.DatasetError(f"{source}: the {split} split has no rows; choose another with --split")
     loaded = load_checkpoint(checkpoint)
     calibration = runtime.val_batches(source, loaded.preprocessing) if settings.precision == "int8" else None
-    model = runtime.as_module(runtime.forward_for(loaded, settings, calibration_batches=calibration))
+    forward = runtime.forward_for(loaded, settings, calibration_batches=calibration)
+    model = runtime.as_module(runtime.flip_averaged(forward) if flip_tta else forward)
+    compared = settings != RuntimeSettings() or flip_tta
     init_ray()
     dataset = load_split(source, split, loaded.preprocessing, keep_attributes=True)
-    if settings != RuntimeSettings():  # two passes compared image by image: the same order both times
+    if compared:  # two passes compared image by image: the same order both times
         dataset.context.execution_options.preserve_order = True
 
     def run(model_to_run, label: str) -> Predictions:
@@ -113,8 +117,8 @@ def evaluate_checkpoint(checkpoint: str, source: str, out: str, split: str = "te
               **metrics, "calibration": calibration_report(loaded.calibration, predictions),
               "model": model_summary(loaded), "dataset": {"counts": counts, "split_recipe": manifest.get("split"),
                                                           "aligned": manifest.get("aligned")},
-              "runtime": {"runtime": settings.runtime, "precision": settings.precision}}
-    if settings != RuntimeSettings():
+              "runtime": {"runtime": settings.runtime, "precision": settings.precision, "flip_tta": flip_tta}}
+    if compared:
         reference = run(loaded.model, f"evaluate {split} (torch fp32)")
         report["runtime"].update(runtime_comparison(predictions, reference))
     if robustness:

@@ -12,7 +12,7 @@ from PIL import Image
 from genderid.checkpoint import LoadedCheckpoint, load_checkpoint
 from genderid.faces import Face, FaceFrontEnd
 from genderid.preprocess import ImageInput, open_image
-from genderid.runtime import RuntimeSettings, forward_for
+from genderid.runtime import RuntimeSettings, flip_averaged, forward_for
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,19 @@ class Predictor:
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: str | torch.device = "cpu", batch_size: int = 16,
                  runtime: RuntimeSettings = RuntimeSettings(),
-                 calibration_batches: Optional[Iterable[np.ndarray]] = None):
+                 calibration_batches: Optional[Iterable[np.ndarray]] = None, flip_tta: bool = False):
         """``runtime``: torch fp32 (default) or ONNX Runtime fp32 / int8 (see :mod:`genderid.runtime`);
-        ``calibration_batches``: val images for building an int8 model that does not exist yet."""
+        ``calibration_batches``: val images for building an int8 model that does not exist yet;
+        ``flip_tta``: average each image's logits with its mirror image's (two forward passes per image)."""
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.model = checkpoint.model.to(self.device).eval()
         self.runtime = runtime
         self.forward = forward_for(checkpoint, runtime, self.device, calibration_batches)
+        self.flip_tta = flip_tta
+        if flip_tta:
+            self.forward = flip_averaged(self.forward)
         self.preprocessing = checkpoint.preprocessing
         self.labels = checkpoint.labels
         self.calibration = checkpoint.calibration
@@ -51,10 +55,12 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, location: str, device: str | torch.device = "cpu", batch_size: int = 16,
                         expected_sha256: Optional[str] = None, runtime: RuntimeSettings = RuntimeSettings(),
-                        calibration_batches: Optional[Iterable[np.ndarray]] = None) -> "Predictor":
+                        calibration_batches: Optional[Iterable[np.ndarray]] = None,
+                        flip_tta: bool = False) -> "Predictor":
         """Load from a checkpoint directory, ``s3://`` URI or ``best.json`` (SHA-256 verified; optionally pinned)."""
         return cls(load_checkpoint(location, map_location=device, expected_sha256=expected_sha256), device=device,
-                   batch_size=batch_size, runtime=runtime, calibration_batches=calibration_batches)
+                   batch_size=batch_size, runtime=runtime, calibration_batches=calibration_batches,
+                   flip_tta=flip_tta)
 
     @property
     def model_version(self) -> str:

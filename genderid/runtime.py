@@ -190,6 +190,18 @@ def build(loaded, settings: RuntimeSettings, calibration_batches: Optional[Itera
     return data
 
 
+def flip_averaged(forward: Forward) -> Forward:
+    """Horizontal-flip test-time augmentation: the mean of the logits of each image and of its mirror image.
+
+    Faces are nearly symmetric, so the mirror image is another plausible view of the same face; it costs a second
+    forward pass (measured in ``benchmarks/inference_runtime.py``), so it is off unless asked for.
+    """
+    def averaged(batch: np.ndarray) -> np.ndarray:
+        return (forward(batch) + forward(np.ascontiguousarray(batch[..., ::-1]))) / 2.0
+
+    return averaged
+
+
 def forward_for(loaded, settings: RuntimeSettings, device=None,
                 calibration_batches: Optional[Iterable[np.ndarray]] = None) -> Forward:
     """The batch -> logits callable that runs ``loaded``'s model on ``settings``' runtime (``device``: torch's;

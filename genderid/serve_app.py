@@ -89,6 +89,7 @@ class ServeArgs(BaseModel):
     device: str = Field("auto", description="auto (cuda when the replica has a GPU), cpu or cuda")
     runtime: str = Field("torch", description="what runs the model: torch or onnxruntime (genderid.runtime)")
     precision: str = Field("fp32", description="fp32, or int8 (onnxruntime; built by `genderid export` first)")
+    flip_tta: bool = Field(False, description="average each face with its mirror image: two forward passes")
 
     @model_validator(mode="after")
     def _runtime_exists(self) -> "ServeArgs":
@@ -205,7 +206,8 @@ class GenderIdService:
             self.predictor = Predictor.from_checkpoint(self.args.checkpoint, device=device,
                                                        batch_size=self.args.max_batch_size,
                                                        expected_sha256=self.args.expected_sha256,
-                                                       runtime=RuntimeSettings(self.args.runtime, self.args.precision))
+                                                       runtime=RuntimeSettings(self.args.runtime, self.args.precision),
+                                                       flip_tta=self.args.flip_tta)
         except (CheckpointError, RuntimeSettingError, OSError) as exc:
             # One clear line in the replica log and in `serve status`; the replica does not start.
             logger.error("genderid: cannot load checkpoint %s: %s", self.args.checkpoint, exc)
@@ -337,7 +339,8 @@ class GenderIdService:
             "architecture": model_description(loaded.model), "epoch": meta.get("epoch"),
             "validation_metrics": {k: v for k, v in meta.get("metrics", {}).items() if k.startswith("val_")},
             "test_metrics": self.test_metrics,
-            "runtime": {"runtime": self.args.runtime, "precision": self.args.precision},
+            "runtime": {"runtime": self.args.runtime, "precision": self.args.precision,
+                        "flip_tta": self.args.flip_tta},
             "batching": {"max_batch_size": self.args.max_batch_size,
                          "batch_wait_timeout_s": self.args.batch_wait_timeout_s},
             "limits": {"max_body_bytes": self.limits.max_body_bytes, "max_pixels": self.limits.max_pixels,

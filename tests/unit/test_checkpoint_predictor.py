@@ -145,3 +145,26 @@ def test_a_pinned_checkpoint_survives_best_json_being_rewritten_and_a_wrong_pin_
         pin(str(pointer), expected_sha256=sha)
     with pytest.raises(CheckpointError, match="not the expected"):
         load_checkpoint(str(second), expected_sha256=sha)
+
+
+def test_flip_tta_averages_each_image_with_its_mirror_image(checkpoint):
+    from genderid.runtime import flip_averaged
+
+    def left_minus_right(batch):  # a "model" that tells mirror images apart
+        left, right = batch[..., :16].mean(axis=(1, 2, 3)), batch[..., 16:].mean(axis=(1, 2, 3))
+        return np.stack([right - left, left - right], axis=1)
+
+    arrays = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    mirrored = np.ascontiguousarray(arrays[..., ::-1])
+    assert np.abs(left_minus_right(arrays) - left_minus_right(mirrored)).max() > 0.01
+    averaged = flip_averaged(left_minus_right)
+    assert np.allclose(averaged(arrays), (left_minus_right(arrays) + left_minus_right(mirrored)) / 2)
+    assert np.allclose(averaged(arrays), 0.0, atol=1e-6)  # this model's mirror pair cancels out exactly
+
+    path, model = checkpoint  # the predictor runs the model on the image and its mirror image
+    tta = Predictor.from_checkpoint(str(path), flip_tta=True)
+    with torch.no_grad():
+        logits = (model.eval()(torch.from_numpy(arrays)) + model(torch.from_numpy(mirrored))) / 2
+    p_tta = np.array([p.p_male for p in tta.predict_arrays(arrays)])
+    assert np.allclose(p_tta, torch.softmax(logits, 1)[:, 1].numpy(), atol=1e-6)
+    assert np.allclose(p_tta, [p.p_male for p in tta.predict_arrays(mirrored)], atol=1e-6)
