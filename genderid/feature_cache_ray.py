@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -122,12 +123,16 @@ def build(config: Config, model, preprocessing: Preprocessing, caches: dict[int,
         images = load_split(config.data.source, split, preprocessing, augment=False,
                             num_cpus=config.data.cpus_per_decode_task, batch_size=FORWARD_BATCH)
         part_rows = feature_cache.rows_per_part(counts[split]["total"], config.scaling.num_workers)
-        written = quiet(images.map_batches(
-            PrefixWriter, fn_constructor_kwargs={"config": config.to_dict(), "caches": spec, "split": split},
-            batch_size=part_rows, batch_format="numpy", concurrency=(1, config.scaling.num_workers),
-            # No actor restarts: a failed build is simply redone, and Ray warns on every start of a restartable
-            # actor whose constructor arguments sit in the object store.
-            num_cpus=config.scaling.cpus_per_worker, max_restarts=0, **resources)).take_all()
+        with warnings.catch_warnings():
+            # Ray 2.60 takes max_restarts only as a plain remote arg, which it marks deprecated (named ones replace
+            # them from 2.64, none for restarts yet); it is what we mean on the pinned version.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            written = quiet(images.map_batches(
+                PrefixWriter, fn_constructor_kwargs={"config": config.to_dict(), "caches": spec, "split": split},
+                batch_size=part_rows, batch_format="numpy", concurrency=(1, config.scaling.num_workers),
+                # No actor restarts: a failed build is simply redone, and Ray warns on every start of a
+                # restartable actor whose constructor arguments sit in the object store.
+                num_cpus=config.scaling.cpus_per_worker, max_restarts=0, **resources)).take_all()
         for row in written:
             parts[int(row["frozen_blocks"])].setdefault(split, []).append(
                 {"file": str(row["file"]), "rows": int(row["rows"])})
