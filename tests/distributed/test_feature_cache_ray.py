@@ -7,6 +7,7 @@ import torch
 
 from genderid import engine, feature_cache, runs, shards
 from genderid.batches import to_model_batch
+from genderid.celeba import SPLITS
 from genderid.checkpoint import load_checkpoint
 from genderid.config import load_config, named_config_path
 from genderid.model import GenderNet
@@ -30,7 +31,7 @@ def pretrained_weights(path):
 def decoded(source, split, size=(32, 32)):
     """image_id -> the split's decoded images, and the labels, as the pure decode step makes them."""
     table = shards.read_table(source)
-    rows = table.filter(np.asarray(table["split"]) == {"train": 0, "val": 1}[split])
+    rows = table.filter(np.asarray(table["split"]) == SPLITS[split])
     batch = to_model_batch({n: rows[n].to_numpy(zero_copy_only=False) for n in rows.column_names},
                            Preprocessing(image_size=size))
     return [str(i) for i in rows["image_id"].to_pylist()], batch
