@@ -30,7 +30,7 @@ def plain_loop_images_per_s(config, source: str) -> float:
     from genderid.model import build_model
     from genderid.preprocess import Preprocessing
 
-    preprocessing = Preprocessing(image_size=tuple(config.data.image_size))
+    preprocessing = Preprocessing.for_data(config.data)
     table = shards.read_table(source)
     table = table.filter(table["split"].to_numpy() == 0)
     columns = {n: table[n].to_numpy(zero_copy_only=False) for n in table.column_names}

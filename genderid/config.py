@@ -32,11 +32,16 @@ class DataConfig:
     source: str = ""  # prepared Parquet location (path or s3://), the output of `genderid prepare`
     image_size: tuple[int, int] = (218, 178)  # [height, width] fed to the model
     augment: bool = True  # horizontal flip + mild random resized crop on the train split only
+    jitter: float = 0.0  # with augment: random brightness and contrast factors in [1 - jitter, 1 + jitter]
     cpus_per_decode_task: float = 0.25  # Ray Data CPU per decode/preprocess task (fractional: see RAY_NOTES)
 
     def validate(self) -> None:
         if len(self.image_size) != 2 or min(self.image_size) < 32:
             raise ConfigError(f"data.image_size: must be [height, width], each >= 32, got {list(self.image_size)}")
+        if not 0 <= self.jitter < 1:
+            raise ConfigError(f"data.jitter: must be in [0, 1), got {self.jitter}")
+        if self.jitter and not self.augment:
+            raise ConfigError("data.jitter: is train augmentation; it needs data.augment true")
         if self.cpus_per_decode_task <= 0:
             raise ConfigError(f"data.cpus_per_decode_task: must be > 0, got {self.cpus_per_decode_task}")
 
@@ -76,7 +81,11 @@ class TrainConfig:
     batch_size: int = 12  # per worker
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = 0.0
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays per epoch over train.epochs
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays over train.epochs
+    warmup_epochs: float = 0.0  # linear warm-up over this many epochs, then lr_schedule; > 0 sets the rate per step
+    label_smoothing: float = 0.0  # cross-entropy target smoothing
+    # > 0: validate, checkpoint and serve an exponential moving average of the weights (this decay per step)
+    weight_average_decay: float = 0.0
     early_stopping_patience: int = 2  # epochs without val-loss improvement before stopping; 0 = off
     checkpoint_metric: str = "val_loss"
     checkpoint_mode: Literal["min", "max"] = "min"
@@ -98,6 +107,14 @@ class TrainConfig:
             raise ConfigError(f"train.lr: must be a positive number, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"train.warmup_epochs: must be >= 0 and below train.epochs ({self.epochs}), "
+                              f"got {self.warmup_epochs}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.weight_average_decay < 1:
+            raise ConfigError(f"train.weight_average_decay: must be in [0, 1) (0 = off), "
+                              f"got {self.weight_average_decay}")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"train.early_stopping_patience: must be >= 0, got {self.early_stopping_patience}")
         if self.keep_checkpoints < 1:

@@ -10,7 +10,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,13 +57,36 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float =
     raise ValueError(f"unknown optimizer {name!r} (adam, adamw, sgd)")
 
 
-def scheduled_lr(base_lr: float, schedule: str, epoch: int, epochs: int) -> float:
-    """Learning rate of 1-based ``epoch``; derived from the epoch alone, so a resumed run continues the curve."""
+def scheduled_lr(base_lr: float, schedule: str, epoch: float, epochs: int, warmup_epochs: float = 0.0) -> float:
+    """Learning rate at 1-based ``epoch``; a fraction (``epoch`` 3.5: half-way through the third epoch's steps)
+    gives the per-step curve. Derived from the position alone, so a resumed run continues the curve.
+
+    ``warmup_epochs``: the rate rises linearly from ``base_lr / (warmup steps)`` to ``base_lr`` over that many
+    epochs, then follows ``schedule`` over the rest (cosine decays to 0 at the end of ``epochs``).
+    """
+    position = epoch - 1  # epochs completed before this step
+    if warmup_epochs > 0 and position < warmup_epochs:
+        return base_lr * max(position, 1e-3 * warmup_epochs) / warmup_epochs
     if schedule == "constant":
         return base_lr
     if schedule == "cosine":
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / max(epochs, 1)))
+        span = max(epochs - warmup_epochs, 1e-9)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(position - warmup_epochs, span) / span))
     raise ValueError(f"unknown learning-rate schedule {schedule!r} (constant, cosine)")
+
+
+def epoch_lr_curve(train, epoch: int, steps_per_epoch: int) -> tuple[float, Optional[Callable[[int], float]]]:
+    """The rate at the start of ``epoch``, and with a warm-up the per-step curve through it.
+
+    ``train``: a :class:`genderid.config.TrainConfig` (lr, lr_schedule, epochs, warmup_epochs). Without a warm-up
+    the rate is set once per epoch, as the recipes before warm-up existed were trained.
+    """
+    start = scheduled_lr(train.lr, train.lr_schedule, epoch, train.epochs, train.warmup_epochs)
+    if not train.warmup_epochs:
+        return start, None
+    steps = max(steps_per_epoch, 1)
+    return start, lambda step: scheduled_lr(train.lr, train.lr_schedule, epoch + min(step, steps) / steps,
+                                            train.epochs, train.warmup_epochs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -83,11 +106,43 @@ def early_stopping_update(state: dict, val_loss: float, patience: int) -> bool:
     return bool(patience) and state["bad_epochs"] >= patience
 
 
+def weight_average(model: nn.Module, decay: float) -> "torch.optim.swa_utils.AveragedModel":
+    """An exponential moving average of ``model``'s parameters and BatchNorm buffers (updated after every step
+    by :func:`train_one_epoch`); what it holds is what gets validated and saved when the recipe asks for it.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n updates (TensorFlow's and timm's rule): a
+    model trained from scratch must not carry its random initial weights in its average (measured: at a fixed
+    0.998 over 900 steps the average still held 16% of them and predicted one class).
+    """
+    from torch.optim.swa_utils import AveragedModel
+
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"weight average decay must be in (0, 1), got {decay}")
+
+    @torch.no_grad()
+    def update(averaged: list, current: list, updates: torch.Tensor) -> None:
+        n = float(updates)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, weight)
+        else:  # BatchNorm's step counters: keep the model's
+            for mine, theirs in zip(averaged, current):
+                mine.copy_(theirs)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
-                    options: StepOptions = StepOptions(), max_steps: Optional[int] = None) -> dict:
-    """One pass of SGD steps; returns train loss, accuracy, images, seconds and images/s of this process."""
+                    options: StepOptions = StepOptions(), max_steps: Optional[int] = None,
+                    label_smoothing: float = 0.0, lr_at_step: Optional[Callable[[int], float]] = None,
+                    average: Optional[nn.Module] = None) -> dict:
+    """One pass of SGD steps; returns train loss, accuracy, images, seconds and images/s of this process.
+
+    ``lr_at_step(step)`` sets the rate before each step (warm-up, per-step decay); ``average`` (see
+    :func:`weight_average`) is updated after each step. The reported loss is the smoothed loss that is trained.
+    """
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     for step, batch in enumerate(batches):
@@ -96,6 +151,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
         labels = batch["male"].to(options.device, non_blocking=True).long()
         if labels.shape[0] < 2:  # BatchNorm cannot train on one example (a shard's last, odd batch)
             continue
+        if lr_at_step is not None:
+            set_lr(optimizer, lr_at_step(step))
         images = options.images(batch)
         with options.autocast():
             logits = model(images)
@@ -103,6 +160,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if average is not None:
+            average.update_parameters(model)
         n = labels.shape[0]
         loss_sum += loss.item() * n
         correct += int((logits.argmax(1) == labels).sum())

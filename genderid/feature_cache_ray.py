@@ -71,7 +71,7 @@ def ensure(config: Config, cache_root: str, frozen_blocks: Sequence[int], log=pr
     wanted = sorted(set(frozen_blocks))
     if not wanted:
         return {}
-    preprocessing = Preprocessing(image_size=tuple(config.data.image_size))
+    preprocessing = Preprocessing.for_data(config.data)
     model = _prefix_model(config)
     fields = {b: feature_cache.key_fields(model, b, preprocessing, config.data.source) for b in wanted}
     dirs = {b: storage.join(cache_root, feature_cache.cache_key(fields[b])) for b in wanted}

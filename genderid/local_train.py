@@ -36,7 +36,7 @@ def load_split(source: str, split: str, preprocessing: Preprocessing) -> dict[st
 def train_local(config: Config, source: str) -> LocalRun:
     """Train ``config.model`` on ``source``'s train split for ``config.train.epochs``, validating every epoch."""
     torch.manual_seed(config.train.seed)
-    preprocessing = Preprocessing(image_size=tuple(config.data.image_size))
+    preprocessing = Preprocessing.for_data(config.data)
     train, val = load_split(source, "train", preprocessing), load_split(source, "val", preprocessing)
     model = build_model(config.model)
     optimizer = engine.make_optimizer(model, config.train.optimizer, config.train.lr, config.train.weight_decay)

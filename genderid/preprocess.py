@@ -118,7 +118,15 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
     flip_prob: float = 0.5  # train augmentation
     crop_scale: tuple[float, float] = (0.85, 1.0)  # train augmentation: area fraction of the random resized crop
+    # train augmentation: brightness and contrast each scaled by a random factor in [1 - jitter, 1 + jitter]
+    # (photos are darker, flatter and brighter than CelebA's; see genderid.robustness). 0 draws nothing.
+    jitter: float = 0.0
     faces: FaceSettings = FaceSettings()  # how photos become aligned crops (POST /faces, prepare --align)
+
+    @classmethod
+    def for_data(cls, data) -> "Preprocessing":
+        """The preprocessing of a run's ``data`` config (:class:`genderid.config.DataConfig`)."""
+        return cls(image_size=tuple(data.image_size), jitter=data.jitter)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -152,6 +160,8 @@ class Preprocessing:
         numbers("crop_scale", self.crop_scale, 2)
         if not (isinstance(self.flip_prob, (int, float)) and 0 <= self.flip_prob <= 1):
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob!r}")
+        if not (isinstance(self.jitter, (int, float)) and not isinstance(self.jitter, bool) and 0 <= self.jitter < 1):
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter!r}")
         self.faces.validate()
         return self
 
@@ -188,8 +198,18 @@ class Preprocessing:
         if rng is not None and rng.random() < self.flip_prob:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         array = np.asarray(img, dtype=np.float32) / 255.0
+        if rng is not None and self.jitter > 0:
+            array = self._jitter(array, rng)
         array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    def _jitter(self, array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Random brightness, then contrast about the image's mean grey, of an HWC array in [0, 1]."""
+        brightness, contrast = rng.uniform(1 - self.jitter, 1 + self.jitter, size=2)
+        array = array * np.float32(brightness)
+        grey = np.float32(array.mean())
+        array = (array - grey) * np.float32(contrast) + grey
+        return np.clip(array, 0.0, 1.0, out=array)
 
     def batch(self, images: Iterable[ImageInput], rng: Optional[np.random.Generator] = None) -> np.ndarray:
         """Many images -> float32 NCHW array."""

@@ -83,7 +83,7 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(config.scaling.torch_threads or worker_threads(_node_cpus(), sharing, config.scaling.use_gpu))
     device = ray.train.torch.get_device()
     options = engine.StepOptions.for_device(device)
-    preprocessing = Preprocessing(image_size=tuple(config.data.image_size))
+    preprocessing = Preprocessing.for_data(config.data)
 
     model = build_model(config.model)
     state = {"epoch": 0, "best_val_loss": None, "bad_epochs": 0, "history": []}
@@ -91,7 +91,8 @@ def train_loop(loop_config: dict) -> None:
     if restored is not None:
         with restored.as_directory() as directory:
             loaded = load_checkpoint(directory, with_train_state=True)
-        model.load_state_dict(loaded.model.state_dict())
+        # With a weight average the checkpoint's model is the average; the trained weights are in its train state.
+        model.load_state_dict(loaded.train_state.get("trained_weights") or loaded.model.state_dict())
         state = loaded.train_state["loop"]
     # On a feature cache the batches hold the frozen prefix's outputs: the model starts after that prefix.
     model.set_input_blocks(loop_config.get("input_blocks", 0))
@@ -100,9 +101,17 @@ def train_loop(loop_config: dict) -> None:
     model = hooks.prepare_model(model, ray.train.torch.prepare_model)
     module = getattr(model, "module", model)
     optimizer = engine.make_optimizer(model, config.train.optimizer, config.train.lr, config.train.weight_decay)
+    # What is validated, checkpointed and served: the weights, or their moving average.
+    average = engine.weight_average(module, config.train.weight_average_decay) \
+        if config.train.weight_average_decay else None
+    evaluated = average.module if average is not None else module
     if restored is not None:
         optimizer.load_state_dict(loaded.train_state["optimizer"])
+        if average is not None and "trained_weights" in loaded.train_state:
+            average.module.load_state_dict(loaded.model.state_dict())
+            average.n_averaged.fill_(int(loaded.train_state["averaged_steps"]))
     start_epoch = state["epoch"] + 1
+    steps_per_epoch = math.ceil(loop_config["train_rows"] / world / config.train.batch_size)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -110,8 +119,8 @@ def train_loop(loop_config: dict) -> None:
 
     for epoch in range(start_epoch, config.train.epochs + 1):
         hooks.on_epoch_start(epoch, rank, world)
-        engine.set_lr(optimizer, engine.scheduled_lr(config.train.lr, config.train.lr_schedule, epoch,
-                                                     config.train.epochs))
+        lr, lr_at_step = engine.epoch_lr_curve(config.train, epoch, steps_per_epoch)
+        engine.set_lr(optimizer, lr)
         batches = hooks.wrap_train_batches(
             train_shard.iter_torch_batches(batch_size=config.train.batch_size,
                                            local_shuffle_buffer_size=config.train.batch_size * 8,
@@ -121,13 +130,17 @@ def train_loop(loop_config: dict) -> None:
         join = model.join() if hasattr(model, "join") else contextlib.nullcontext()
         started = time.perf_counter()
         with join:
-            stats = engine.train_one_epoch(model, batches, optimizer, options)
+            stats = engine.train_one_epoch(model, batches, optimizer, options,
+                                           label_smoothing=config.train.label_smoothing, lr_at_step=lr_at_step,
+                                           average=average)
         train_seconds = time.perf_counter() - started
         sync_buffers_from_rank0(module)
+        if average is not None:
+            sync_buffers_from_rank0(average)
         # Evaluate the unwrapped module: DDP's forward syncs buffers collectively, which would hang on shards
         # of unequal length.
         val_batches = val_shard.iter_torch_batches(batch_size=64, collate_fn=torch_collate())
-        val = engine.Predictions.merge(_gather(engine.predict(module, val_batches, options)))
+        val = engine.Predictions.merge(_gather(engine.predict(evaluated, val_batches, options)))
         parts = _gather((stats["loss"] * stats["images"], stats["accuracy"] * stats["images"], stats["images"],
                          train_seconds))
         metrics = _epoch_metrics(epoch, start_epoch, parts, val.metrics(), time.perf_counter() - started)
@@ -149,9 +162,13 @@ def train_loop(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
-                save_checkpoint(directory, model, preprocessing=preprocessing, config=config.to_dict(),
+                train_state = {"optimizer": optimizer.state_dict(), "loop": state}
+                if average is not None:
+                    train_state.update(trained_weights=module.state_dict(),
+                                       averaged_steps=int(average.n_averaged))
+                save_checkpoint(directory, evaluated, preprocessing=preprocessing, config=config.to_dict(),
                                 metrics=metrics, epoch=epoch, history=state["history"], calibration=calibration,
-                                train_state={"optimizer": optimizer.state_dict(), "loop": state})
+                                train_state=train_state)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)
         if stop:
@@ -268,7 +285,7 @@ def training_datasets(config: Config, feature_cache_root: Optional[str] = None, 
         cache_dir = feature_cache_ray.ensure(config, root, [frozen], log=log)[frozen]
         return {"train": feature_cache_ray.load_cached_split(cache_dir, "train", cpus).randomize_block_order(),
                 "val": feature_cache_ray.load_cached_split(cache_dir, "val", cpus)}, frozen
-    preprocessing = Preprocessing(image_size=tuple(config.data.image_size))
+    preprocessing = Preprocessing.for_data(config.data)
     return {"train": load_split(config.data.source, "train", preprocessing, augment=config.data.augment,
                                 num_cpus=cpus).randomize_block_order(),
             "val": load_split(config.data.source, "val", preprocessing, num_cpus=cpus)}, 0

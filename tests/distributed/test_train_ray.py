@@ -3,10 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import mlflow_runs, upload_folder
 from genderid import shards
-from genderid.checkpoint import read_meta
+from genderid.checkpoint import load_checkpoint, read_meta
 from genderid.cli import main
 from genderid.config import load_config, named_config_path
 from genderid.train_hooks import FailOnce, Hooks, RecordDigests, RecordShards, WithoutDDP
@@ -122,6 +123,34 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(pre
     assert run.info.status == "FINISHED" and run.data.params["train.max_failures"] == "2"
     assert run.data.tags["best_checkpoint"] == best["checkpoint"]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"best.json", "history.json"}
+
+
+def test_a_weight_averaged_run_saves_validates_and_resumes_the_average(prepared, tmp_path):
+    config = tiny(prepared, tmp_path, "averaged", "train.epochs=3", "train.early_stopping_patience=0",
+                  "train.keep_checkpoints=3", "train.max_failures=2", "train.weight_average_decay=0.9",
+                  "train.warmup_epochs=1", "train.label_smoothing=0.1", "data.jitter=0.3")
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    best = run_training(config, hooks=FailOnce(2, str(marker)))
+    assert (marker / "failed").exists()
+    run_dir = tmp_path / "runs" / "averaged"
+    folders = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    saved = sorted((load_checkpoint(str(p), with_train_state=True) for p in folders), key=lambda c: c.meta["epoch"])
+    assert [c.meta["epoch"] for c in saved] == [1, 2, 3] and [c.meta["history"][-1]["start_epoch"] for c in saved] \
+        == [1, 2, 2]
+    for checkpoint in saved:  # the served model is the average, the trained weights are kept for resuming
+        trained = checkpoint.train_state["trained_weights"]
+        assert any(not torch.equal(v, trained[k]) for k, v in checkpoint.model.state_dict().items())
+    # The resumed run continued the average: its step count carries on from epoch 1 instead of starting again.
+    steps = [c.train_state["averaged_steps"] for c in saved]
+    assert steps[0] > 0 and steps[1] > 1.5 * steps[0] and steps[2] > steps[1]
+    # What was validated (and ranked the checkpoints) is what was saved: evaluating it reproduces the figures.
+    out = tmp_path / "val-report"
+    assert main(["evaluate", "--checkpoint", str(run_dir / "best.json"), "--data", config.data.source,
+                 "--out", str(out), "--split", "val"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["accuracy"] - best["metrics"]["val_accuracy"]) <= 1e-6
+    assert abs(report["loss"] - best["metrics"]["val_loss"]) <= 1e-4
 
 
 def test_s3_data_and_checkpoints_and_evaluate_reads_them_back(prepared, s3_server, tmp_path, capsys):
