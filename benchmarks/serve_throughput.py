@@ -110,7 +110,7 @@ def stage_means(metrics_url: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=float, default=0.25, help="VGG16 width multiplier (cpu.yaml: 0.25)")
-    parser.add_argument("--size", default="108x88", help="model input HEIGHTxWIDTH (cpu.yaml: 108x88)")
+    parser.add_argument("--size", default="108x88", help="model input HEIGHTxWIDTH (the recorded runs: 108x88)")
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                         help="give the raw predictor and the one replica the same dedicated core (the last), and "
