@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from genderid import engine, shards  # noqa: E402
 from genderid.celeba import ATTRIBUTES, SPLITS  # noqa: E402
 from genderid.config import config_location, load_config  # noqa: E402
+from genderid.metrics import largest_gaps  # noqa: E402
 from genderid.model import build_model  # noqa: E402
 from genderid.preprocess import Preprocessing  # noqa: E402
 
@@ -57,9 +58,19 @@ def read_split(source: str, split: str) -> dict:
 
 
 def worst_gap(subgroups: dict) -> tuple[str, float]:
-    rows = [(name, entry["gap"]) for name, entry in subgroups.items()
-            if entry["gap"] is not None and min(entry["present"]["count"], entry["absent"]["count"]) >= MIN_SLICE]
-    return max(rows, key=lambda row: row[1])
+    [worst] = largest_gaps(subgroups, top=1, min_count=MIN_SLICE)
+    return worst["attribute"], worst["gap"]
+
+
+class Averages:
+    """Several weight averages of one trajectory, updated together (what ``train_one_epoch`` calls)."""
+
+    def __init__(self, averages):
+        self.averages = averages
+
+    def update_parameters(self, model) -> None:
+        for average in self.averages:
+            average.update_parameters(model)
 
 
 def run_variant(name: str, config_path: str, data: str, splits: dict) -> dict:
@@ -75,9 +86,7 @@ def run_variant(name: str, config_path: str, data: str, splits: dict) -> dict:
     others = {decay: engine.weight_average(model, decay) for decay in OTHER_DECAYS} if average is not None else {}
     compared = {"raw": model, **{f"decay {d}": a.module for d, a in others.items()}} if others else {}
     if others:
-        averages = [average, *others.values()]
-        average = type("Averages", (), {"update_parameters": lambda self, m: [a.update_parameters(m)
-                                                                              for a in averages]})()
+        average = Averages([average, *others.values()])
     steps = len(splits["train"]["male"]) // train.batch_size
     curve, started = [], time.perf_counter()
     for epoch in range(1, train.epochs + 1):

@@ -63,10 +63,12 @@ def subgroup_accuracy(y_true: np.ndarray, y_pred: np.ndarray, attributes: np.nda
     return result
 
 
-def largest_gaps(subgroups: dict[str, dict], top: int = 5) -> list[dict]:
-    """The ``top`` attributes with the largest present/absent accuracy gap."""
+def largest_gaps(subgroups: dict[str, dict], top: int = 5, min_count: int = 0) -> list[dict]:
+    """The ``top`` attributes with the largest present/absent accuracy gap, among those with at least
+    ``min_count`` images on each side."""
     rows = [{"attribute": name, "gap": entry["gap"], "present": entry["present"]["accuracy"],
-             "absent": entry["absent"]["accuracy"]} for name, entry in subgroups.items() if entry["gap"] is not None]
+             "absent": entry["absent"]["accuracy"]} for name, entry in subgroups.items()
+            if entry["gap"] is not None and min(entry["present"]["count"], entry["absent"]["count"]) >= min_count]
     return sorted(rows, key=lambda r: r["gap"], reverse=True)[:top]
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from genderid import engine
-from genderid.metrics import classification_metrics, roc_auc
+from genderid.metrics import classification_metrics, largest_gaps, roc_auc
 from genderid.model import GenderNet
 
 
@@ -86,3 +86,12 @@ def test_early_stopping_rule_counts_epochs_without_a_lower_val_loss():
     assert decisions == [False, False, False, False, False, True]
     assert state == {"best_val_loss": 0.6, "bad_epochs": 2}
     assert not any(engine.early_stopping_update({}, loss, patience=0) for loss in (1, 2, 3))
+
+
+def test_largest_gaps_can_leave_out_attributes_with_few_images_on_a_side():
+    subgroups = {"Rare": {"gap": 0.5, "present": {"accuracy": 0.5, "count": 4},
+                          "absent": {"accuracy": 1.0, "count": 96}},
+                 "Common": {"gap": 0.1, "present": {"accuracy": 0.9, "count": 50},
+                            "absent": {"accuracy": 1.0, "count": 50}}}
+    assert [g["attribute"] for g in largest_gaps(subgroups)] == ["Rare", "Common"]
+    assert [g["attribute"] for g in largest_gaps(subgroups, min_count=30)] == ["Common"]
