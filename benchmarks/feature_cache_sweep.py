@@ -55,7 +55,7 @@ def main() -> None:
                  "tune.unfreeze_depth=[0, 1, 2]", "tune.lr=[0.0001, 0.01]", f"tune.num_samples={args.samples}",
                  f"tune.max_epochs={args.epochs}", f"tune.grace_period={args.epochs}", "tune.seed=0",
                  # 0.9 CPU: a trial's worker and driver (1.01 CPUs with cpu.yaml's 1) leave Ray Data its whole CPU
-                 # on 2 cores, or the split's Parquet listing task never starts (see tune_ray.default_concurrency).
+                 # on 2 cores, or the split's Parquet sampling task never starts (see tune_ray.default_concurrency).
                  "scaling.cpus_per_worker=0.9", "train.early_stopping_patience=0"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

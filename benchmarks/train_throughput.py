@@ -8,6 +8,7 @@ Part 1: images/s of Ray Train with 1 and 2 workers against a plain single-proces
 Part 2: one SGD step's time for unfreeze depth 0..5 with real-width VGG16 at 178x218 (pure PyTorch).
 
     python benchmarks/train_throughput.py [--images 1200] [--size 64] [--width 0.25] [--epochs 2] [--steps 2]
+    python benchmarks/train_throughput.py --data /path/to/prepared --size 80x64 --steps 0   # real photos
 
 Prints a Markdown section to paste into benchmarks/RESULTS.md.
 """
@@ -92,11 +93,12 @@ def dataloader_images_per_s(source: str, preprocessing, workers: int = 2, passes
     return images / (time.perf_counter() - started)
 
 
-def ray_data_images_per_s(source: str, preprocessing, passes: int = 2) -> float:
+def ray_data_images_per_s(config, preprocessing, passes: int = 2) -> float:
     """Ray Data over the same split (genderid.ray_data.load_split, as training reads it): decode + preprocess."""
     from genderid.ray_data import load_split
 
-    dataset = load_split(source, "train", preprocessing, augment=True, batch_size=32)
+    dataset = load_split(config.data.source, "train", preprocessing, augment=True, batch_size=32,
+                         num_cpus=config.data.cpus_per_decode_task, tasks=config.data.decode_tasks)
     for _ in dataset.iter_batches(batch_size=32):  # warm-up
         pass
     started, images = time.perf_counter(), 0
@@ -144,10 +146,19 @@ def depth_step_times(steps: int, batch: int) -> list[tuple[int, float, float]]:
     return rows
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """``64`` -> (64, 64); ``80x64`` -> (80, 64): (height, width)."""
+    parts = [int(part) for part in text.lower().split("x")]
+    if len(parts) not in (1, 2) or min(parts) < 16:
+        raise argparse.ArgumentTypeError(f"expected H or HxW (each >= 16), got {text!r}")
+    return (parts[0], parts[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1200)
-    parser.add_argument("--size", type=int, default=64, help="model input height and width")
+    parser.add_argument("--size", type=image_size, default=(64, 64), help="model input: H or HxW")
+    parser.add_argument("--data", help="a prepared data set (`genderid prepare`) instead of synthetic images")
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per unfreeze depth (0: skip that part)")
@@ -159,11 +170,15 @@ def main() -> None:
     from genderid.synth import write_synthetic_celeba
 
     work = tempfile.mkdtemp(prefix="genderid-bench-")
-    folder = write_synthetic_celeba(os.path.join(work, "celeba"), n=args.images, size=(args.size, args.size))
-    source = os.path.join(work, "prepared")
-    prepare(str(folder), source)
+    height, width = args.size
+    if args.data:
+        source = args.data
+    else:
+        folder = write_synthetic_celeba(os.path.join(work, "celeba"), n=args.images, size=(width, height))
+        source = os.path.join(work, "prepared")
+        prepare(str(folder), source)
     config = load_config(named_config_path("tiny"), [
-        f"data.source={source}", f"data.image_size=[{args.size}, {args.size}]", f"model.width={args.width}",
+        f"data.source={source}", f"data.image_size=[{height}, {width}]", f"model.width={args.width}",
         f"train.epochs={args.epochs}", "train.batch_size=32"])
 
     from genderid.preprocess import Preprocessing
@@ -171,16 +186,20 @@ def main() -> None:
 
     plain = plain_loop_images_per_s(config, source)
     ray_rows = [(w, ray_train_images_per_s(config, w, os.path.join(work, "runs"))) for w in (1, 2)]
-    preprocessing = Preprocessing(image_size=(args.size, args.size))
+    preprocessing = Preprocessing.for_data(config.data)
     loader = dataloader_images_per_s(source, preprocessing)
     init_ray()
-    ray_data = ray_data_images_per_s(source, preprocessing)
+    ray_data = ray_data_images_per_s(config, preprocessing)
     depth_rows = [] if args.steps == 0 else depth_step_times(args.steps, args.batch)
 
     print(f"\n## Training throughput ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
-    print(f"Synthetic data, {args.images} images, input {args.size}x{args.size}, VGG16 width {args.width} with "
-          f"BatchNorm, batch 32 per worker, {args.epochs} timed epochs after one warm-up.\n")
+    from genderid import shards
+
+    rows = shards.read_manifest(source)["counts"]["train"]["total"]
+    print(f"{'Prepared data ' + source if args.data else 'Synthetic data'}, {rows} train images, input "
+          f"{height}x{width}, VGG16 width {args.width} with BatchNorm, batch 32 per worker, {args.epochs} timed "
+          "epochs after one warm-up.\n")
     print("| loop | images/s | vs plain PyTorch |\n| --- | --- | --- |")
     print(f"| plain PyTorch, 1 process | {plain:.1f} | 1.00 |")
     for workers, value in ray_rows:
@@ -190,8 +209,9 @@ def main() -> None:
     print("\nDecode + preprocess + augment of the train split alone (no training), 2 CPUs, batches of 32:\n")
     print("| reader | images/s | vs DataLoader |\n| --- | --- | --- |")
     print(f"| torch DataLoader, 2 worker processes, the same decode function | {loader:.1f} | 1.00 |")
-    print(f"| Ray Data (`genderid.ray_data.load_split`, as training reads it) | {ray_data:.1f} | "
-          f"{ray_data / loader:.2f} |")
+    tasks = config.data.decode_tasks or "any number of"
+    print(f"| Ray Data (`genderid.ray_data.load_split`, as training reads it: at most {tasks} tasks of "
+          f"{config.data.cpus_per_decode_task} CPU) | {ray_data:.1f} | {ray_data / loader:.2f} |")
     if not depth_rows:
         return
     print(f"\nReal-width VGG16, 178x218, batch {args.batch}, Adam, mean of {args.steps} steps after a warm-up:\n")

@@ -34,6 +34,9 @@ class DataConfig:
     augment: bool = True  # horizontal flip + mild random resized crop on the train split only
     jitter: float = 0.0  # with augment: random brightness and contrast factors in [1 - jitter, 1 + jitter]
     cpus_per_decode_task: float = 0.25  # Ray Data CPU per decode/preprocess task (fractional: see RAY_NOTES)
+    # Most decode tasks running at once (0: as many as the CPUs allow). Ray keeps about one idle worker process
+    # per CPU of a node and ends the rest: more concurrent tasks than that start new processes in every epoch.
+    decode_tasks: int = 0
 
     def validate(self) -> None:
         if len(self.image_size) != 2 or min(self.image_size) < 32:
@@ -44,6 +47,8 @@ class DataConfig:
             raise ConfigError("data.jitter: is train augmentation; it needs data.augment true")
         if self.cpus_per_decode_task <= 0:
             raise ConfigError(f"data.cpus_per_decode_task: must be > 0, got {self.cpus_per_decode_task}")
+        if self.decode_tasks < 0:
+            raise ConfigError(f"data.decode_tasks: must be >= 0 (0: no limit), got {self.decode_tasks}")
 
 
 @dataclass

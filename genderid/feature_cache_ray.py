@@ -121,7 +121,8 @@ def build(config: Config, model, preprocessing: Preprocessing, caches: dict[int,
     counts = shards.read_manifest(config.data.source)["counts"]
     for split in feature_cache.SPLITS:
         images = load_split(config.data.source, split, preprocessing, augment=False,
-                            num_cpus=config.data.cpus_per_decode_task, batch_size=FORWARD_BATCH)
+                            num_cpus=config.data.cpus_per_decode_task, batch_size=FORWARD_BATCH,
+                            tasks=config.data.decode_tasks)
         part_rows = feature_cache.rows_per_part(counts[split]["total"], config.scaling.num_workers)
         with warnings.catch_warnings():
             # Ray 2.60 takes max_restarts only as a plain remote arg, which it marks deprecated (named ones replace
@@ -153,16 +154,16 @@ class DecodeFeatures:
                 "image_id": np.asarray(columns["image_id"]).astype(str)}
 
 
-def load_cached_split(cache_dir: str, split: str, num_cpus: float = 0.25):
-    """One split of a built cache as a Ray Dataset of engine batches (what ``load_split`` gives for images)."""
-    import ray.data
-
-    from genderid.ray_data import quiet
+def load_cached_split(cache_dir: str, split: str, num_cpus: float = 0.25, tasks: int = 0):
+    """One split of a built cache as a Ray Dataset of engine batches (what ``load_split`` gives for images);
+    ``num_cpus`` and ``tasks`` as in :func:`genderid.ray_data.load_split`."""
+    from genderid.ray_data import quiet, read_parquet
 
     manifest = feature_cache.read_manifest(cache_dir)
     uris = feature_cache.part_uris(cache_dir, manifest, split)
     if not uris:
         raise feature_cache.FeatureCacheError(f"{cache_dir}: the feature cache has no {split} rows")
     # One call per part (a block): the decode is a single frombuffer.
-    return quiet(ray.data.read_parquet(uris).map_batches(DecodeFeatures(manifest["shape"]), batch_format="numpy",
-                                                         batch_size=None, num_cpus=num_cpus))
+    return quiet(read_parquet(uris, num_cpus, tasks).map_batches(
+        DecodeFeatures(manifest["shape"]), batch_format="numpy", batch_size=None, num_cpus=num_cpus,
+        concurrency=tasks or None))

@@ -3,7 +3,7 @@
 Why this exists (measured with Ray 2.60, see ``tests/distributed/test_tune_ray.py``): when a sweep's driver is
 killed hard (SIGKILL, OOM), the running trial's Train controller can create a new worker placement group while
 its job is being torn down. That group's creator job is dead, yet the group stays ``CREATED`` and keeps its CPUs
-reserved. On a small cluster the resumed sweep then waits forever: Ray Data's file listing cannot get its CPU.
+reserved. On a small cluster the resumed sweep then waits forever: Ray Data's Parquet sampling cannot get its CPU.
 
 A non-detached placement group whose creator job is dead should not exist (Ray removes such groups itself once
 both their creator job and creator actor are dead), so removing it restores Ray's own lifetime rule; live jobs'

@@ -31,15 +31,19 @@ class Decode:
 
 
 def load_split(source: str, split: str, preprocessing: Preprocessing, augment: bool = False,
-               keep_attributes: bool = False, num_cpus: float = 0.25, batch_size: Optional[int] = 64):
-    """One split of a prepared data set as a lazily decoded Ray Dataset."""
-    import ray.data
+               keep_attributes: bool = False, num_cpus: float = 0.25, batch_size: Optional[int] = 64,
+               tasks: int = 0):
+    """One split of a prepared data set as a lazily decoded Ray Dataset.
+
+    ``num_cpus``: what each read and decode task reserves; ``tasks``: the most that run at once (0: no limit),
+    :attr:`genderid.config.DataConfig.decode_tasks`.
+    """
     from ray.data.expressions import col
 
-    dataset = ray.data.read_parquet(shards.shard_uris(source)).select_columns(READ_COLUMNS)
+    dataset = read_parquet(shards.shard_uris(source), num_cpus, tasks).select_columns(READ_COLUMNS)
     dataset = dataset.filter(expr=col("split") == SPLITS[split])
     return quiet(dataset.map_batches(Decode(preprocessing, augment, keep_attributes), batch_format="numpy",
-                                     batch_size=batch_size, num_cpus=num_cpus))
+                                     batch_size=batch_size, num_cpus=num_cpus, concurrency=tasks or None))
 
 
 class CorruptedDecode:
@@ -56,13 +60,37 @@ def load_corrupted_split(source: str, split: str, preprocessing: Preprocessing, 
                          rows_per_batch: int = 4):
     """One split under every corruption at every severity, as one lazily decoded Ray Dataset
     (``rows_per_batch`` input rows become that many x corruptions x severities images per output batch)."""
-    import ray.data
     from ray.data.expressions import col
 
-    dataset = ray.data.read_parquet(shards.shard_uris(source)).select_columns(["image_id", "image", "male", "split"])
+    dataset = read_parquet(shards.shard_uris(source), num_cpus).select_columns(["image_id", "image", "male", "split"])
     dataset = dataset.filter(expr=col("split") == SPLITS[split])
     return quiet(dataset.map_batches(CorruptedDecode(preprocessing), batch_format="numpy",
                                      batch_size=rows_per_batch, num_cpus=num_cpus))
+
+
+def read_parquet(uris: list[str], num_cpus: float, tasks: int = 0):
+    """A lazy Ray Dataset over Parquet files, read by Ray Data's file-list reader (its "V1" datasource).
+
+    Ray 2.60's default reader ("V2") lists the files in a task of its own at the start of *every* pass, and that
+    task takes a whole CPU and ~1.2 s however few files there are: an epoch of a small split paid it once for
+    train and once for val, and on 2 CPUs it had to wait for a free core. The V1 reader lists (and samples) the
+    files once, here, and each pass only reads (measured: ``benchmarks/train_throughput.py``, ``RESULTS.md``).
+    ``num_cpus`` is what each read task reserves, so reads fit beside the Train workers; ``tasks`` the most that
+    run at once (0: no limit).
+    """
+    import ray.data
+
+    from genderid.console import verbose
+
+    context = ray.data.DataContext.get_current()
+    before = context.use_datasource_v2, context.enable_progress_bars
+    # The reader is chosen, and its one-off sampling bar drawn, from the current context when the dataset is made.
+    context.use_datasource_v2, context.enable_progress_bars = False, verbose()
+    try:
+        # One read task per file at most: a larger limit only makes Ray Data warn that it cannot be reached.
+        return ray.data.read_parquet(uris, num_cpus=num_cpus, concurrency=min(tasks, len(uris)) if tasks else None)
+    finally:
+        context.use_datasource_v2, context.enable_progress_bars = before
 
 
 def quiet(dataset):

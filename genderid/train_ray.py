@@ -179,8 +179,8 @@ def worker_threads(node_cpus: int, sharing: int, use_gpu: bool) -> int:
     """``scaling.torch_threads: 0``: the node's cores shared among the Train workers that may run on it at once
     (``sharing``: this run's workers on the node x the sweep's concurrent trials).
 
-    Ray sets a worker's threads to its CPU reservation, which on a small node must leave a CPU to Ray Data's file
-    listing: a lone worker then trains on half a 2-core machine. The decode tasks that share the cores run in
+    Ray sets a worker's threads to its CPU reservation, which on a small node must leave a CPU to Ray Data's Parquet
+    sampling: a lone worker then trains on half a 2-core machine. The decode tasks that share the cores run in
     short bursts between steps, so the worker may use its share of all the node's cores (measured in
     ``benchmarks/train_throughput.py``). On GPU workers the maths runs on the GPU: threads stay at what Ray gives.
     """
@@ -276,19 +276,19 @@ def training_datasets(config: Config, feature_cache_root: Optional[str] = None, 
     from genderid.model import NUM_BLOCKS
     from genderid.ray_data import load_split
 
-    cpus = config.data.cpus_per_decode_task
+    cpus, tasks = config.data.cpus_per_decode_task, config.data.decode_tasks
     frozen = NUM_BLOCKS - config.model.unfreeze_depth
     if config.train.feature_cache and frozen:
         from genderid import feature_cache_ray
 
         root = feature_cache_root or runs.feature_cache_root(config.storage.path)
         cache_dir = feature_cache_ray.ensure(config, root, [frozen], log=log)[frozen]
-        return {"train": feature_cache_ray.load_cached_split(cache_dir, "train", cpus).randomize_block_order(),
-                "val": feature_cache_ray.load_cached_split(cache_dir, "val", cpus)}, frozen
+        return {"train": feature_cache_ray.load_cached_split(cache_dir, "train", cpus, tasks).randomize_block_order(),
+                "val": feature_cache_ray.load_cached_split(cache_dir, "val", cpus, tasks)}, frozen
     preprocessing = Preprocessing.for_data(config.data)
     return {"train": load_split(config.data.source, "train", preprocessing, augment=config.data.augment,
-                                num_cpus=cpus).randomize_block_order(),
-            "val": load_split(config.data.source, "val", preprocessing, num_cpus=cpus)}, 0
+                                num_cpus=cpus, tasks=tasks).randomize_block_order(),
+            "val": load_split(config.data.source, "val", preprocessing, num_cpus=cpus, tasks=tasks)}, 0
 
 
 def check_data_source(config: Config) -> int:

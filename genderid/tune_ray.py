@@ -59,7 +59,8 @@ def search_space(config: Config) -> dict:
 def default_concurrency(config: Config, resources: dict) -> int:
     """How many trials the cluster's resources *now* can run at once; never 0. Tune does not count Train workers.
 
-    One CPU stays free for Ray Data (its file listing takes a whole CPU); on GPU clusters GPUs bound it too.
+    One CPU stays free for Ray Data (its Parquet sampling, as a trial makes its data sets, takes a whole CPU); on GPU
+    clusters GPUs bound it too.
     A cluster that autoscales from zero has none of its workers' resources yet: there the count would be 0, and
     ``tune.max_concurrent_trials`` must say how many trials may run (the shipped ``cluster/`` configs set it).
     """

@@ -46,6 +46,7 @@ def test_defaults_without_a_file():
     ("scaling.use_gpu=maybe", "scaling.use_gpu"),
     ("train.optimizer=rmsprop", "train.optimizer"),
     ("data.image_size=[64]", "data.image_size"),
+    ("data.decode_tasks=-1", "data.decode_tasks"),
     ("model.width=0", "model.width"),
     ("tune.lr=[0.1, 0.01]", "tune.lr"),
     ("storage.name=a/b", "storage.name"),
