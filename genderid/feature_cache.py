@@ -42,9 +42,11 @@ DTYPE = np.float32
 PART = re.compile(r"^(train|val)/part-[0-9a-f]{32}\.parquet$")
 SCHEMA = pa.schema([("image_id", pa.string()), ("male", pa.int8()), ("image", pa.binary())])
 MAX_MANIFEST_BYTES = 50_000_000  # untrusted input: a manifest lists files, it is never this large
-# Rows per part file. Ray Data's Parquet read pays ~70 ms per file before the first batch of every pass (measured:
-# 126 files 9.6 s, 16 files 1.9 s on 2 cores), i.e. every epoch; but a split needs several parts per Train worker
-# for streaming_split to spread it. So: about PARTS_PER_WORKER parts per worker, of MIN..MAX_PART_ROWS rows.
+# Rows per part file. A split needs several parts per Train worker for streaming_split to spread it, and each part
+# is a read task per epoch. Ray 2.60's default Parquet reader also paid ~70 ms per file before the first batch of
+# every pass (126 files 9.3-10.6 s a pass, 16 files 1.9-2.2 s on 2 cores); the reader genderid.ray_data.read_parquet
+# uses lists files once (126 files 0.55-0.63 s a pass, 16 files 0.42-0.68 s). So: about PARTS_PER_WORKER parts per
+# worker, of MIN..MAX_PART_ROWS rows.
 MIN_PART_ROWS, MAX_PART_ROWS, PARTS_PER_WORKER = 64, 512, 8
 
 
