@@ -10,7 +10,10 @@ import pytest
 from conftest import REPO, free_port, mlflow_runs
 
 pytestmark = pytest.mark.ray
-SMALL = ["tune.num_samples=2", "tune.max_epochs=1", "tune.unfreeze_depth=[5]", "train.epochs=3"]
+# Five epochs without early stopping: the 30 val images' loss can stall for two epochs before the model learns
+# (see the AUC assertion below).
+SMALL = ["tune.num_samples=2", "tune.max_epochs=1", "tune.unfreeze_depth=[5]", "train.epochs=5",
+         "train.early_stopping_patience=0"]
 TINY = ["tune.num_samples=1", "tune.max_epochs=1", "tune.unfreeze_depth=[5]", "train.epochs=1"]
 
 
@@ -54,9 +57,11 @@ def test_run_demo_end_to_end_predicts_over_http_and_shuts_serve_down(first_run):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["run_id"] == run_id and summary["endpoint"] == f"http://127.0.0.1:{port}"
     assert summary["test_metrics"]["split"] == "test" and 0.0 <= summary["test_metrics"]["accuracy"] <= 1.0
-    # It learned: the best checkpoint ranks the val images well above chance (AUC 0.5; nine runs measured
-    # 0.87-1.00). Thresholded figures on 30 images after 3 epochs vary too much between runs of the same code to
-    # assert on: test accuracy 0.57-0.83, balanced val accuracy 0.64-0.90.
+    # It learned: the best checkpoint ranks the val images well above chance (AUC 0.5). Its 240 train images are
+    # one Parquet file, spread over both ranks: 8 steps an epoch (until 2026-11-30 one rank got the whole file as
+    # one block, 15 steps, and 3 epochs were enough). Five epochs, three runs of this config: AUC 0.86-0.90 after the
+    # fourth, 0.91-1.00 after the fifth. Thresholded figures on 30 images vary too much between runs of the same code to
+    # assert on.
     assert json.loads((folder / "train" / "best.json").read_text())["metrics"]["val_auc"] >= 0.7
     assert len(summary["predictions"]) == 4
     for prediction in summary["predictions"]:  # answered by the endpoint: it carries the served model's version
@@ -86,13 +91,13 @@ def test_the_demo_console_is_ours_not_rays(first_run):
     # What a terminal shows: a bar redraws its line with '\r', so each line is what its last redraw left.
     lines = [line.split("\r")[-1] for line in run.stdout.split("\n")]
     assert len(lines) < 150, "\n".join(lines)
-    for bar in ("prepare:", "sweep:", "epoch 1/3:", "evaluate test:", "robustness test:"):  # each run to the end
+    for bar in ("prepare:", "sweep:", "epoch 1/5:", "evaluate test:", "robustness test:"):  # each run to the end
         assert any(line.startswith(bar) and "100%" in line for line in lines), bar
     repeated = [a for a, b in zip(lines, lines[1:]) if a.strip() and a == b]
     assert repeated == []
     assert not [line for line in lines if "Traceback" in line or "ERROR" in line]
     epochs = [line for line in lines if line.startswith("[train] epoch")]
-    assert len(epochs) == len(set(epochs)) >= 3  # every epoch line once (the final run's 3, and the sweep's)
+    assert len(epochs) == len(set(epochs)) >= 5  # every epoch line once (the final run's 5, and the sweep's)
 
 
 def test_the_demo_tracks_its_sweep_and_final_run_in_mlflow(first_run):
@@ -103,7 +108,7 @@ def test_the_demo_tracks_its_sweep_and_final_run_in_mlflow(first_run):
     assert len(mlflow_runs(folder, "sweep")[1]) == 1 and len(mlflow_runs(folder, "trial")[1]) == 2
     history = json.loads((folder / "train" / "history.json").read_text())
     logged = client.get_metric_history(train.info.run_id, "val_accuracy")
-    assert [m.step for m in logged] == [h["epoch"] for h in history] == [1, 2, 3]
+    assert [m.step for m in logged] == [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
     report = {a.path for a in client.list_artifacts(train.info.run_id, "report")}
     assert {"report/report.json", "report/MODEL_CARD.md"} <= report
 
