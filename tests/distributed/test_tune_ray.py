@@ -136,8 +136,10 @@ def registered_epochs(trial_run):
 
 def test_a_killed_sweep_resumes_its_own_trials_from_their_checkpoints(local_cluster, prepared, tmp_path):
     """SIGKILL the driver between trials, rerun the same command: no hand-run cleanup, no fresh sweep."""
+    # No ASHA stop: both trials run 2 epochs. 192x192 inputs (the images are 48x48) make an epoch take ~5 s, so
+    # that the second trial is still running when the first one has been finished for 10 s.
     overrides = sweep_overrides(prepared, tmp_path, "resume") + [
-        "tune.num_samples=2", "tune.max_epochs=2", "tune.grace_period=2"]  # no ASHA stop: both trials run 2 epochs
+        "tune.num_samples=2", "tune.max_epochs=2", "tune.grace_period=2", "data.image_size=[192, 192]"]
     command = [sys.executable, "-m", "genderid", "tune", "--config", str(named_config_path("tiny")), *overrides]
     env = {**local_cluster.env(), "RAY_ADDRESS": local_cluster.address, "PYTHONUNBUFFERED": "1"}
     trials = tmp_path / "sweeps" / "resume" / "trials"
