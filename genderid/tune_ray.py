@@ -299,19 +299,6 @@ def run_sweep(config: Config, hooks: Optional[TrainHooks] = None) -> tuple[list[
     return rows, best
 
 
-def _log_missing_epochs(tracker, trial_run: str, history_path: str) -> None:
-    """Epochs of the trial's own history that its MLflow run lacks. Tune can finish a fast trial before its last
-    report reaches the sweep's callbacks (seen with ~1 s epochs); the trial's ``history.json`` has every epoch."""
-    try:
-        history = json.loads(storage.read_bytes(history_path))
-        logged = {m.step for m in tracker.client().get_metric_history(trial_run, "val_accuracy")}
-    except Exception:  # no history (a trial that failed at once), or MLflow unreachable: nothing to add
-        return
-    for report in history:
-        if isinstance(report, dict) and "epoch" in report and int(report["epoch"]) not in logged:
-            tracking.log_epoch(tracker, trial_run, report)
-
-
 def _finish_tracking(tracker, sweep_run: str, sweep_dir: str, rows: Optional[list], failed: bool) -> None:
     """The sweep's MLflow run gets its results (table, plot, best.json) and each trial's run its outcome."""
     files = {name: runs.path(sweep_dir, name) for name in (runs.RESULTS_FILE, runs.SWEEP_PLOT_FILE, runs.BEST_FILE)}
@@ -319,8 +306,6 @@ def _finish_tracking(tracker, sweep_run: str, sweep_dir: str, rows: Optional[lis
     for row in rows or []:
         trial_run = tracking.find_run(tracker, sweep_dir, "trial", row["trial_id"])
         if trial_run is not None:
-            _log_missing_epochs(tracker, trial_run, runs.path(sweep_dir, runs.TRIALS_DIR, row["trial_id"],
-                                                              runs.HISTORY_FILE))
             tracker.client().set_tag(trial_run, "ended", row.get("ended", ""))
             if "checkpoint" in row:
                 tracker.client().set_tag(trial_run, "best_checkpoint", row["checkpoint"])
