@@ -97,11 +97,18 @@ def pick_best(candidates: list[tuple[str, dict]], metric: str, mode: str) -> tup
     return max(scored, key=lambda pair: (sign * float(pair[1]["metrics"][metric]), pair[1].get("epoch") or 0))
 
 
-def best_kept_checkpoint(run: str, metric: str, mode: str) -> tuple[str, dict]:
-    """The best checkpoint among those that exist in ``run`` (see :func:`pick_best`)."""
+def best_kept_checkpoint(run: str, metric: str, mode: str, last_epoch: Optional[int] = None) -> tuple[str, dict]:
+    """The best checkpoint among those that exist in ``run`` (see :func:`pick_best`).
+
+    ``last_epoch``: ignore checkpoints of later epochs (a sweep's trial can write one after its scheduler's stop,
+    which the sweep never saw: see :func:`genderid.tune_ray.summarise`).
+    """
     candidates = kept_checkpoints(run)
+    if last_epoch is not None:
+        candidates = [(loc, meta) for loc, meta in candidates if (meta.get("epoch") or 0) <= last_epoch]
     if not candidates:
-        raise CheckpointError(f"{run}: the run kept no checkpoint")
+        later = "" if last_epoch is None else f" up to epoch {last_epoch}"
+        raise CheckpointError(f"{run}: the run kept no checkpoint{later}")
     return pick_best(candidates, metric, mode)
 
 

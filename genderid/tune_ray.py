@@ -139,6 +139,12 @@ def summarise(grid, config: Config, sweep_dir: str) -> list[dict]:
 
     The checkpoint and its metrics come from what Ray kept in the trial's folder (ties -> the later epoch, as
     Ray keeps them), never from the reported history, whose best epoch may have been rotated away.
+
+    A trial is judged on the epochs Tune saw, which ASHA decided on. Train reports to Tune asynchronously (its
+    controller polls the workers every 2 s), so a trial with short epochs can train on before ASHA's stop reaches
+    it: those epochs are in its ``history.json`` and may have checkpoints, but they count in neither
+    ``epochs_run`` nor the choice of the best checkpoint (stopped trials would otherwise be judged on other epochs
+    than the scheduler saw).
     """
     metric, mode = config.tune.metric, config.tune.mode
     rows = []
@@ -151,15 +157,16 @@ def summarise(grid, config: Config, sweep_dir: str) -> list[dict]:
             rows.append({**row, "epochs_run": 0, "ended": "error" if result.error else "no report"})
             continue
         trial_run = runs.path(sweep_dir, runs.TRIALS_DIR, trial_id)
+        epochs_run = int(frame["epoch"].max())
         try:
-            checkpoint, meta = runs.best_kept_checkpoint(trial_run, metric, mode)
+            checkpoint, meta = runs.best_kept_checkpoint(trial_run, metric, mode, last_epoch=epochs_run)
         except CheckpointError:
-            rows.append({**row, "epochs_run": int(frame["epoch"].max()), "ended": "no checkpoint"})
+            rows.append({**row, "epochs_run": epochs_run, "ended": "no checkpoint"})
             continue
         best = meta["metrics"]
         rows.append({**row, "best_epoch": int(meta["epoch"]), f"best_{metric}": float(best[metric]),
                      "val_loss": float(best["val_loss"]), "val_accuracy": float(best["val_accuracy"]),
-                     "val_auc": float(best["val_auc"]), "epochs_run": int(frame["epoch"].max()),
+                     "val_auc": float(best["val_auc"]), "epochs_run": epochs_run,
                      "ended": _ended(frame, result, config), "checkpoint": checkpoint})
     reverse = mode == "max"
     return sorted(rows, key=lambda r: r.get(f"best_{metric}", -math.inf if reverse else math.inf), reverse=reverse)

@@ -35,6 +35,16 @@ def test_ties_go_to_the_latest_epoch_which_is_the_one_ray_kept(tmp_path):
         runs.pick_best(candidates, "val_auc", "max")
 
 
+def test_checkpoints_after_the_last_epoch_the_sweep_saw_are_not_candidates(tmp_path):
+    # A trial that ASHA stopped at epoch 2 wrote epoch 3's checkpoint before the stop reached it.
+    metrics = {1: {"val_accuracy": 0.7}, 2: {"val_accuracy": 0.8}, 3: {"val_accuracy": 0.9}}
+    run = fake_run(tmp_path, metrics, kept=(1, 2, 3))
+    assert runs.best_kept_checkpoint(str(run), "val_accuracy", "max")[1]["epoch"] == 3
+    assert runs.best_kept_checkpoint(str(run), "val_accuracy", "max", last_epoch=2)[1]["epoch"] == 2
+    with pytest.raises(CheckpointError, match="up to epoch 0"):
+        runs.best_kept_checkpoint(str(run), "val_accuracy", "max", last_epoch=0)
+
+
 def test_best_json_is_written_only_for_a_checkpoint_that_exists_and_describes_it(tmp_path):
     metrics = {1: {"val_accuracy": 0.7, "val_loss": 0.5}}
     run = fake_run(tmp_path, metrics, kept=(1,))
