@@ -78,11 +78,51 @@ def ray_pids() -> list[int]:
     return pids
 
 
-def replica_pid() -> int:
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each thread of process ``pid``, keyed by its OS name: the
+    replica's ``forward_0`` and ``decode_N`` (:func:`genderid.serve_app.name_os_thread`), Ray's own threads
+    (``worker.io``, ``client.poll`` ...), and the Python threads Ray and Serve start, which all show the title
+    the process had when they started (``ray::IDLE``), told apart by their thread id."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        used[f"{name} [{task.name}]"] = (int(fields[11]) + int(fields[12])) / ticks
+    return used
+
+
+def thread_kinds(ms_per_request: dict[str, float]) -> dict[str, float]:
+    """Per-thread figures grouped for the table: our threads by role, each of Ray's named threads by name, the
+    three busiest unnamed threads on their own (the busiest is Serve's user-code event loop: ASGI, FastAPI, our
+    handlers), and the rest of them together."""
+    grouped: dict[str, float] = {}
+    unnamed = []
+    for key, value in ms_per_request.items():
+        name = key.rsplit(" [", 1)[0]
+        if name.startswith(("forward_", "decode_")):
+            kind = f"{name.split('_')[0]} (ours)"
+        elif name.startswith("ray::"):
+            unnamed.append((value, name))
+            continue
+        else:
+            kind = name
+        grouped[kind] = grouped.get(kind, 0.0) + value
+    unnamed.sort(reverse=True)
+    for rank, (value, name) in enumerate(unnamed[:3], 1):
+        grouped[f"{name}, busiest thread #{rank}"] = value
+    grouped[f"{len(unnamed[3:])} other Python threads"] = sum(v for v, _ in unnamed[3:])
+    return grouped
+
+
+def actor_pid(class_prefix: str) -> int:
     from ray.util.state import list_actors
 
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    return next(a.pid for a in actors if a.class_name.startswith("ServeReplica:"))
+    return next(a.pid for a in actors if a.class_name.startswith(class_prefix))
 
 
 def drive(url: str, image: bytes, concurrency: int, seconds: float) -> dict:
@@ -156,8 +196,18 @@ def main() -> None:
     url, metrics_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
     rows = []
 
-    def measure(part, concurrency):
+    def measure(part, concurrency, cpu_of=()):
+        """One load run; with ``cpu_of`` (name -> pid), each process's CPU per answered request, by thread kind."""
+        before = {name: thread_cpu_seconds(pid) for name, pid in cpu_of}
+        started = time.process_time()
         rows.append({"part": part, "concurrency": concurrency, **drive(url, image, concurrency, args.seconds)})
+        answered = max(rows[-1]["ok"], 1)
+        cpu = {"load generator": {"all threads": (time.process_time() - started)}}
+        for name, pid in cpu_of:
+            after = thread_cpu_seconds(pid)
+            cpu[name] = {k: v - before[name].get(k, 0.0) for k, v in after.items()}
+        rows[-1]["cpu_ms_per_request"] = {name: thread_kinds({k: 1000 * v / answered for k, v in threads.items()})
+                                          for name, threads in cpu.items()}
         print(rows[-1], flush=True)
 
     # Part 2: one replica, one thread: the same CPU budget as the raw predictor.
@@ -168,15 +218,16 @@ def main() -> None:
     if args.pin:
         for pid in ray_pids():
             pin(pid, other_cpus)
-        pin(replica_pid(), model_cpu)
+        pin(actor_pid("ServeReplica:"), model_cpu)
+    cpu_of = (("replica", actor_pid("ServeReplica:")), ("proxy", actor_pid("ProxyActor")))
     assert requests.post(url + "/predict", data=image, headers={"Content-Type": "image/jpeg"}).ok
     time.sleep(12)  # let the warm-up request reach the metrics endpoint before the baseline is read
     before = stage_means(metrics_url)
-    measure("one replica", 1)
+    measure("one replica", 1, cpu_of)
     time.sleep(12)
     after = stage_means(metrics_url)
     stages = {k: 1000 * (after[k][0] - before[k][0]) / max(after[k][1] - before[k][1], 1) for k in after}
-    measure("one replica", 16)
+    measure("one replica", 16, cpu_of)
 
     # Part 3: the shipped config, as it is, with no pinning.
     for pid in ray_pids():
@@ -212,6 +263,18 @@ def main() -> None:
     print(f"\nStage means inside the replica at concurrency 1 (its own histograms): body read {stages['body']:.1f} ms, "
           f"decode {stages['decode']:.1f} ms, forward {stages['forward']:.1f} ms; the rest of the p50 "
           f"({one[1]['p50_ms'] - sum(stages.values()):.1f} ms) is proxy, router, batch queue and response.")
+    print(f"\nCPU per answered request, by process and thread (raw predictor: {1000 / raw[1]:.1f} ms at batch 1, "
+          f"{1000 / raw[16]:.1f} ms per image at batch 16; JPEG decode {decode_ms:.1f} ms):\n")
+    print("| process | thread | concurrency 1, ms | concurrency 16, ms |")
+    print("| --- | --- | --- | --- |")
+    for name in ("replica", "proxy", "load generator"):
+        kinds = sorted(set(one[1]["cpu_ms_per_request"][name]) | set(one[16]["cpu_ms_per_request"][name]),
+                       key=lambda k: -one[16]["cpu_ms_per_request"][name].get(k, 0.0))
+        for kind in kinds + ["(all)"]:
+            values = [sum(one[c]["cpu_ms_per_request"][name].values()) if kind == "(all)"
+                      else one[c]["cpu_ms_per_request"][name].get(kind, 0.0) for c in (1, 16)]
+            if kind == "(all)" or max(values) >= 0.05:
+                print(f"| {name} | {kind} | {values[0]:.2f} | {values[1]:.2f} |")
 
 
 def _timed(fn) -> float:

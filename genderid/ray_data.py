@@ -38,12 +38,17 @@ def load_split(source: str, split: str, preprocessing: Preprocessing, augment: b
     ``num_cpus``: what each read and decode task reserves; ``tasks``: the most that run at once (0: no limit),
     :attr:`genderid.config.DataConfig.decode_tasks`.
     """
-    from ray.data.expressions import col
-
-    dataset = read_parquet(shards.shard_uris(source), num_cpus, tasks).select_columns(READ_COLUMNS)
-    dataset = dataset.filter(expr=col("split") == SPLITS[split])
+    dataset = split_rows(source, split, READ_COLUMNS, num_cpus, tasks)
     return quiet(dataset.map_batches(Decode(preprocessing, augment, keep_attributes), batch_format="numpy",
                                      batch_size=batch_size, num_cpus=num_cpus, concurrency=tasks or None))
+
+
+def split_rows(source: str, split: str, columns: list[str], num_cpus: float, tasks: int = 0):
+    """The undecoded rows of one split of a prepared data set (``columns`` of them), as a lazy Ray Dataset."""
+    from ray.data.expressions import col
+
+    dataset = read_parquet(shards.shard_uris(source), num_cpus, tasks).select_columns(columns)
+    return dataset.filter(expr=col("split") == SPLITS[split])
 
 
 class CorruptedDecode:
@@ -60,10 +65,7 @@ def load_corrupted_split(source: str, split: str, preprocessing: Preprocessing, 
                          rows_per_batch: int = 4):
     """One split under every corruption at every severity, as one lazily decoded Ray Dataset
     (``rows_per_batch`` input rows become that many x corruptions x severities images per output batch)."""
-    from ray.data.expressions import col
-
-    dataset = read_parquet(shards.shard_uris(source), num_cpus).select_columns(["image_id", "image", "male", "split"])
-    dataset = dataset.filter(expr=col("split") == SPLITS[split])
+    dataset = split_rows(source, split, ["image_id", "image", "male", "split"], num_cpus)
     return quiet(dataset.map_batches(CorruptedDecode(preprocessing), batch_format="numpy",
                                      batch_size=rows_per_batch, num_cpus=num_cpus))
 

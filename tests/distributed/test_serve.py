@@ -317,6 +317,14 @@ def rss_mb(pid):
         return int(handle.read().split("VmRSS:")[1].split()[0]) / 1024
 
 
+def test_the_replicas_decode_and_forward_threads_carry_their_names_to_the_os(endpoint, local_cluster, model):
+    """What `top -H` and the serve benchmark's per-thread CPU table rely on to tell our threads from Ray's."""
+    assert post(endpoint["url"], model["images"][0]).status_code == 200
+    tasks = Path(f"/proc/{replica_pid(local_cluster)}/task")
+    names = {(task / "comm").read_text().strip() for task in tasks.iterdir()}
+    assert {"decode_0", "forward_0"} <= names, names
+
+
 def test_hostile_uploads_are_refused_at_once_and_the_replicas_memory_stays_bounded(endpoint, local_cluster, model):
     """Sixteen 16-bit 6300x6300 PNGs in one ~1.3 MB multipart request, and a float TIFF: a quick 4xx each."""
     png = io.BytesIO()
