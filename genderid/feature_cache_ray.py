@@ -157,7 +157,7 @@ class DecodeFeatures:
 def load_cached_split(cache_dir: str, split: str, num_cpus: float = 0.25, tasks: int = 0):
     """One split of a built cache as a Ray Dataset of engine batches (what ``load_split`` gives for images);
     ``num_cpus`` and ``tasks`` as in :func:`genderid.ray_data.load_split`."""
-    from genderid.ray_data import quiet, read_parquet
+    from genderid.ray_data import quiet, read_parquet, task_limit
 
     manifest = feature_cache.read_manifest(cache_dir)
     uris = feature_cache.part_uris(cache_dir, manifest, split)
@@ -166,4 +166,4 @@ def load_cached_split(cache_dir: str, split: str, num_cpus: float = 0.25, tasks:
     # One call per part (a block): the decode is a single frombuffer.
     return quiet(read_parquet(uris, num_cpus, tasks).map_batches(
         DecodeFeatures(manifest["shape"]), batch_format="numpy", batch_size=None, num_cpus=num_cpus,
-        concurrency=tasks or None))
+        concurrency=task_limit(tasks)))

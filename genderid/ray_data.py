@@ -40,7 +40,7 @@ def load_split(source: str, split: str, preprocessing: Preprocessing, augment: b
     """
     dataset = split_rows(source, split, READ_COLUMNS, num_cpus, tasks)
     return quiet(dataset.map_batches(Decode(preprocessing, augment, keep_attributes), batch_format="numpy",
-                                     batch_size=batch_size, num_cpus=num_cpus, concurrency=tasks or None))
+                                     batch_size=batch_size, num_cpus=num_cpus, concurrency=task_limit(tasks)))
 
 
 def split_rows(source: str, split: str, columns: list[str], num_cpus: float, tasks: int = 0):
@@ -90,9 +90,17 @@ def read_parquet(uris: list[str], num_cpus: float, tasks: int = 0):
     context.use_datasource_v2, context.enable_progress_bars = False, verbose()
     try:
         # One read task per file at most: a larger limit only makes Ray Data warn that it cannot be reached.
-        return ray.data.read_parquet(uris, num_cpus=num_cpus, concurrency=min(tasks, len(uris)) if tasks else None)
+        return ray.data.read_parquet(uris, num_cpus=num_cpus, concurrency=task_limit(tasks, len(uris)))
     finally:
         context.use_datasource_v2, context.enable_progress_bars = before
+
+
+def task_limit(tasks: int, most: Optional[int] = None) -> Optional[int]:
+    """Ray Data's ``concurrency`` for a task cap (:attr:`genderid.config.DataConfig.decode_tasks`): 0 -> no limit
+    (``None``), else ``tasks``, at most ``most``."""
+    if not tasks:
+        return None
+    return tasks if most is None else min(tasks, most)
 
 
 def quiet(dataset):
