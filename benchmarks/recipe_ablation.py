@@ -43,6 +43,9 @@ VARIANTS = {
     "jitter": ["data.jitter=0.3"],
     "small-input": ["data.image_size=[80, 64]", "train.epochs=14"],
     "epochs": ["train.epochs=12"],
+    "mixup": ["train.mixup=0.2"],
+    "erase": ["data.erase=0.5"],
+    "jitter-mild": ["data.jitter=0.15"],
 }
 # The variant with a weight average also scores the raw weights and these other decays of the same trajectory
 # (averaging does not change training, so one run compares them all).
@@ -97,7 +100,8 @@ def run_variant(name: str, config_path: str, data: str, splits: dict) -> dict:
         batches = engine.tensor_batches(images, splits["train"]["male"], train.batch_size,
                                         shuffle_seed=train.seed * 1000 + epoch, drop_last=True)
         stats = engine.train_one_epoch(model, batches, optimizer, label_smoothing=train.label_smoothing,
-                                       lr_at_step=lr_at_step, average=average)
+                                       lr_at_step=lr_at_step, average=average, mixup_alpha=train.mixup,
+                                       mixup_seed=engine.mixup_seed(train.seed, epoch))
         metrics = engine.evaluate(evaluated, engine.tensor_batches(val, splits["val"]["male"], 128))
         curve.append(round(metrics["accuracy"], 4))
         for label, other in compared.items():

@@ -33,6 +33,7 @@ class DataConfig:
     image_size: tuple[int, int] = (218, 178)  # [height, width] fed to the model
     augment: bool = True  # horizontal flip + mild random resized crop on the train split only
     jitter: float = 0.0  # with augment: random brightness and contrast factors in [1 - jitter, 1 + jitter]
+    erase: float = 0.0  # with augment: the chance of erasing one random rectangle of a train image
     cpus_per_decode_task: float = 0.25  # Ray Data CPU per decode/preprocess task (fractional: see RAY_NOTES)
     # Most decode tasks running at once (0: as many as the CPUs allow). Ray keeps about one idle worker process
     # per CPU of a node and ends the rest: more concurrent tasks than that start new processes in every epoch.
@@ -45,6 +46,10 @@ class DataConfig:
             raise ConfigError(f"data.jitter: must be in [0, 1), got {self.jitter}")
         if self.jitter and not self.augment:
             raise ConfigError("data.jitter: is train augmentation; it needs data.augment true")
+        if not 0 <= self.erase <= 1:
+            raise ConfigError(f"data.erase: must be in [0, 1], got {self.erase}")
+        if self.erase and not self.augment:
+            raise ConfigError("data.erase: is train augmentation; it needs data.augment true")
         if self.cpus_per_decode_task <= 0:
             raise ConfigError(f"data.cpus_per_decode_task: must be > 0, got {self.cpus_per_decode_task}")
         if self.decode_tasks < 0:
@@ -89,6 +94,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays over train.epochs
     warmup_epochs: float = 0.0  # linear warm-up over this many epochs, then lr_schedule; > 0 sets the rate per step
     label_smoothing: float = 0.0  # cross-entropy target smoothing
+    mixup: float = 0.0  # > 0: train on mixup, blending factors drawn from Beta(mixup, mixup); 0 = off
     # > 0: validate, checkpoint and serve an exponential moving average of the weights (this decay per step)
     weight_average_decay: float = 0.0
     early_stopping_patience: int = 2  # epochs without val-loss improvement before stopping; 0 = off
@@ -117,6 +123,8 @@ class TrainConfig:
                               f"got {self.warmup_epochs}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not (self.mixup >= 0 and math.isfinite(self.mixup)):
+            raise ConfigError(f"train.mixup: must be >= 0 (0 = off), got {self.mixup}")
         if not 0 <= self.weight_average_decay < 1:
             raise ConfigError(f"train.weight_average_decay: must be in [0, 1) (0 = off), "
                               f"got {self.weight_average_decay}")

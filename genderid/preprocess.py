@@ -121,12 +121,15 @@ class Preprocessing:
     # train augmentation: brightness and contrast each scaled by a random factor in [1 - jitter, 1 + jitter]
     # (photos are darker, flatter and brighter than CelebA's; see genderid.robustness). 0 draws nothing.
     jitter: float = 0.0
+    # train augmentation: the chance of random erasing (Zhong et al. 2020): one rectangle of 2-20% of the image,
+    # filled with the mean colour, standing in for hats, glasses and hands over a face. 0 draws nothing.
+    erase: float = 0.0
     faces: FaceSettings = FaceSettings()  # how photos become aligned crops (POST /faces, prepare --align)
 
     @classmethod
     def for_data(cls, data) -> "Preprocessing":
         """The preprocessing of a run's ``data`` config (:class:`genderid.config.DataConfig`)."""
-        return cls(image_size=tuple(data.image_size), jitter=data.jitter)
+        return cls(image_size=tuple(data.image_size), jitter=data.jitter, erase=data.erase)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -162,6 +165,8 @@ class Preprocessing:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob!r}")
         if not (isinstance(self.jitter, (int, float)) and not isinstance(self.jitter, bool) and 0 <= self.jitter < 1):
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter!r}")
+        if not (isinstance(self.erase, (int, float)) and not isinstance(self.erase, bool) and 0 <= self.erase <= 1):
+            raise ValueError(f"erase must be in [0, 1], got {self.erase!r}")
         self.faces.validate()
         return self
 
@@ -200,6 +205,8 @@ class Preprocessing:
         array = np.asarray(img, dtype=np.float32) / 255.0
         if rng is not None and self.jitter > 0:
             array = self._jitter(array, rng)
+        if rng is not None and self.erase > 0 and rng.random() < self.erase:
+            array = self._erase(array, rng)
         array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(array.transpose(2, 0, 1))
 
@@ -210,6 +217,18 @@ class Preprocessing:
         grey = np.float32(array.mean())
         array = (array - grey) * np.float32(contrast) + grey
         return np.clip(array, 0.0, 1.0, out=array)
+
+    def _erase(self, array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One rectangle of an HWC array in [0, 1] set to the mean colour (zero once normalised)."""
+        height, width = array.shape[:2]
+        area = height * width * rng.uniform(0.02, 0.2)
+        aspect = float(np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3))))
+        box_h = min(height, max(1, int(round(np.sqrt(area * aspect)))))
+        box_w = min(width, max(1, int(round(np.sqrt(area / aspect)))))
+        top, left = int(rng.integers(0, height - box_h + 1)), int(rng.integers(0, width - box_w + 1))
+        array = array.copy() if not array.flags.writeable else array
+        array[top:top + box_h, left:left + box_w] = np.asarray(self.mean, np.float32)
+        return array
 
     def batch(self, images: Iterable[ImageInput], rng: Optional[np.random.Generator] = None) -> np.ndarray:
         """Many images -> float32 NCHW array."""

@@ -132,7 +132,8 @@ def train_loop(loop_config: dict) -> None:
         with join:
             stats = engine.train_one_epoch(model, batches, optimizer, options,
                                            label_smoothing=config.train.label_smoothing, lr_at_step=lr_at_step,
-                                           average=average)
+                                           average=average, mixup_alpha=config.train.mixup,
+                                           mixup_seed=engine.mixup_seed(config.train.seed, epoch, rank))
         train_seconds = time.perf_counter() - started
         sync_buffers_from_rank0(module)
         if average is not None:

@@ -1,4 +1,4 @@
-"""The CPU recipe's training options: warm-up, label smoothing, weight averaging, brightness/contrast jitter."""
+"""The CPU recipe's training options: warm-up, label smoothing, weight averaging, jitter, mixup, random erasing."""
 import copy
 
 import numpy as np
@@ -141,3 +141,77 @@ def test_jitter_in_checkpoints_and_configs_is_validated():
                           ("data.augment=false", "data.jitter.*needs data.augment")):
         with pytest.raises(ConfigError, match=key):
             load_config(named_config_path("tiny"), ["data.jitter=0.2", override])
+
+
+def test_mixup_blends_each_batch_with_a_permutation_of_itself_and_repeats_with_its_seed():
+    images = torch.randn(8, 3, 4, 4)
+    mixed, partners, share = engine.mixup(0.4, [0, 1])(images)
+    assert sorted(partners.tolist()) == list(range(8)) and 0 <= share <= 1
+    assert torch.allclose(mixed, share * images + (1 - share) * images[partners])
+    again, partners_again, share_again = engine.mixup(0.4, [0, 1])(images)
+    assert share_again == share and torch.equal(partners_again, partners) and torch.equal(again, mixed)
+    draws = [engine.mixup(0.4, [0, s])(images)[2] for s in range(20)]
+    assert len(set(draws)) == 20  # a share per batch, not a constant
+
+
+def test_mixup_trains_on_the_loss_of_both_label_sets():
+    torch.manual_seed(0)
+    model = GenderNet(width=0.0625, batch_norm=True)
+    images, male = data()
+    batch = next(engine.tensor_batches(images, male, 8))
+    # The loss the step must report, from a copy of the model before the step and the same draws.
+    before = copy.deepcopy(model).train()
+    mixed, partners, share = engine.mixup(1.0, [7])(batch["image"])
+    logits = before(mixed)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    expected = share * loss_fn(logits, batch["male"]) + (1 - share) * loss_fn(logits, batch["male"][partners])
+    assert batch["male"][partners].tolist() != batch["male"].tolist()  # both label sets matter in this batch
+    stats = engine.train_one_epoch(model, [batch], engine.make_optimizer(model, "sgd", 0.05), mixup_alpha=1.0,
+                                   mixup_seed=[7])
+    assert stats["loss"] == pytest.approx(float(expected), rel=1e-5)
+    plain, _, _, _ = one_epoch()
+    mixed_model, _, _, _ = one_epoch(mixup_alpha=0.2, mixup_seed=[0])
+    assert not torch.equal(plain.head[-1].weight, mixed_model.head[-1].weight)
+    assert engine.mixup_seed(0, 3, 1) != engine.mixup_seed(0, 3, 0) != engine.mixup_seed(0, 4, 0)
+
+
+def test_erase_blanks_one_rectangle_of_train_images_only():
+    plain, erasing = Preprocessing(image_size=(32, 32)), Preprocessing(image_size=(32, 32), erase=1.0)
+    image = photo()
+    assert np.array_equal(plain(image), erasing(image))  # evaluation is unaffected
+    # erase 0 draws nothing: old recipes' images are unchanged.
+    assert np.array_equal(plain(image, np.random.default_rng(3)),
+                          Preprocessing(image_size=(32, 32), erase=0.0)(image, np.random.default_rng(3)))
+    a, b = plain(image, np.random.default_rng(3)), erasing(image, np.random.default_rng(3))
+    assert b.shape == a.shape and b.dtype == np.float32
+    assert np.array_equal(b, erasing(image, np.random.default_rng(3)))  # deterministic per random stream
+    for seed in range(10):
+        b = erasing(image, np.random.default_rng(seed))
+        a = plain(image, np.random.default_rng(seed))
+        changed = ~np.isclose(a, b).all(axis=0)
+        rows, cols = np.nonzero(changed)
+        # One rectangle, blanked to the mean colour (zero once normalised), of 2-20% of the image.
+        box = np.zeros_like(changed)
+        box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        assert np.all(b[:, box] == 0)
+        assert np.array_equal(a[:, ~box], b[:, ~box])
+        assert 0.01 <= box.mean() <= 0.25
+    # Half the images, over many draws, at erase 0.5.
+    half = Preprocessing(image_size=(32, 32), erase=0.5)
+    blanked = [not np.array_equal(half(image, np.random.default_rng(s)), plain(image, np.random.default_rng(s)))
+               for s in range(200)]
+    assert 0.35 < np.mean(blanked) < 0.65
+
+
+def test_mixup_and_erase_are_validated_in_configs_and_checkpoints():
+    with pytest.raises(ValueError, match="erase"):
+        Preprocessing(erase=1.5).validate()
+    old = Preprocessing(image_size=(32, 32)).to_dict()
+    del old["erase"]  # a checkpoint written before erasing existed
+    assert Preprocessing.from_dict(old).erase == 0.0
+    config = load_config(named_config_path("tiny"), ["data.erase=0.25", "train.mixup=0.2"])
+    assert Preprocessing.for_data(config.data).erase == 0.25 and config.train.mixup == 0.2
+    for override, key in (("data.erase=1.5", "data.erase"), ("train.mixup=-1", "train.mixup"),
+                          ("data.augment=false", "data.erase.*needs data.augment")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(named_config_path("tiny"), ["data.erase=0.2", override])
