@@ -128,7 +128,8 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(pre
 def test_a_weight_averaged_run_saves_validates_and_resumes_the_average(prepared, tmp_path):
     config = tiny(prepared, tmp_path, "averaged", "train.epochs=3", "train.early_stopping_patience=0",
                   "train.keep_checkpoints=3", "train.max_failures=2", "train.weight_average_decay=0.9",
-                  "train.warmup_epochs=1", "train.label_smoothing=0.1", "data.jitter=0.3")
+                  "train.warmup_epochs=1", "train.label_smoothing=0.1", "data.jitter=0.3", "data.erase=0.5",
+                  "train.mixup=0.2")
     marker = tmp_path / "marker"
     marker.mkdir()
     best = run_training(config, hooks=FailOnce(2, str(marker)))
