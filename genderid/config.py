@@ -264,6 +264,9 @@ class Config:
         if self.model.weights == "none":
             raise ConfigError(f"{key}: needs pretrained model.weights (imagenet, a path or an s3:// URI): with "
                               "model.weights=none the frozen blocks are random, not features worth caching")
+        if self.train.mixup:
+            raise ConfigError(f"{key}: needs train.mixup=0 (mixup blends images; on cached features it would blend "
+                              "the frozen blocks' outputs instead, another recipe)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-serialisable dict (tuples become lists)."""

@@ -160,6 +160,8 @@ def test_the_cache_is_refused_where_one_output_per_image_would_be_wrong(tmp_path
             load_config(tiny, [f"{key}=true", usable[1]])
         with pytest.raises(ConfigError, match=f"{key}: needs pretrained model.weights"):
             load_config(tiny, [f"{key}=true", usable[0]])
+        with pytest.raises(ConfigError, match=f"{key}: needs train.mixup=0"):
+            load_config(tiny, [f"{key}=true", *usable, "train.mixup=0.2"])
 
 
 def test_parts_are_few_but_several_per_worker():
