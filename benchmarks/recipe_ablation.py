@@ -45,7 +45,6 @@ VARIANTS = {
     "epochs": ["train.epochs=12"],
     "mixup": ["train.mixup=0.2"],
     "erase": ["data.erase=0.5"],
-    "jitter-mild": ["data.jitter=0.15"],
 }
 # The variant with a weight average also scores the raw weights and these other decays of the same trajectory
 # (averaging does not change training, so one run compares them all).

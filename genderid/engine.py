@@ -182,9 +182,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
             images, partners, share = mixing(images)
         with options.autocast():
             logits = model(images)
-            loss = loss_fn(logits.float(), labels)
+            scores = logits.float()
+            loss = loss_fn(scores, labels)
             if mixing is not None:
-                loss = share * loss + (1.0 - share) * loss_fn(logits.float(), labels[partners])
+                loss = share * loss + (1.0 - share) * loss_fn(scores, labels[partners])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

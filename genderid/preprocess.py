@@ -219,14 +219,13 @@ class Preprocessing:
         return np.clip(array, 0.0, 1.0, out=array)
 
     def _erase(self, array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One rectangle of an HWC array in [0, 1] set to the mean colour (zero once normalised)."""
+        """One rectangle of an HWC array in [0, 1] set to the mean colour (zero once normalised), in place."""
         height, width = array.shape[:2]
         area = height * width * rng.uniform(0.02, 0.2)
         aspect = float(np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3))))
         box_h = min(height, max(1, int(round(np.sqrt(area * aspect)))))
         box_w = min(width, max(1, int(round(np.sqrt(area / aspect)))))
         top, left = int(rng.integers(0, height - box_h + 1)), int(rng.integers(0, width - box_w + 1))
-        array = array.copy() if not array.flags.writeable else array
         array[top:top + box_h, left:left + box_w] = np.asarray(self.mean, np.float32)
         return array
 
