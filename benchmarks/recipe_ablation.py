@@ -5,10 +5,10 @@ Model selection must not fit the split that is reported, so this runs on a data 
 split (a seeded 10% of the train identities); the ``test`` split (CelebA's official val and test identities) is
 scored once per variant at the end and reported, never compared on.
 
-The loop is the pure-PyTorch one (the project's engine, model, preprocessing and config; no Ray): the images are
-decoded once, augmented afresh every epoch, and each variant is a list of dotted overrides of the recipe's config,
-exactly as ``genderid train`` would take them. Wall time here is not the Ray run's: the recipe's 30 minutes are
-measured with ``genderid train`` itself.
+The loop is the pure-PyTorch one (:mod:`genderid.local_train`'s epochs, the project's engine, model, preprocessing
+and config; no Ray): the images are read once, decoded and augmented afresh every epoch, and each variant is a
+list of dotted overrides of the recipe's config, exactly as ``genderid train`` would take them. Wall time here is
+not the Ray run's: the recipe's 30 minutes are measured with ``genderid train`` itself.
 
     python benchmarks/recipe_ablation.py --data /tmp/subset-selection [--config cpu] [--variants base smoothing]
 
@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from genderid import engine, shards  # noqa: E402
-from genderid.celeba import ATTRIBUTES, SPLITS  # noqa: E402
+from genderid import engine, local_train  # noqa: E402
+from genderid.celeba import ATTRIBUTES  # noqa: E402
 from genderid.config import config_location, load_config  # noqa: E402
 from genderid.metrics import largest_gaps  # noqa: E402
 from genderid.model import build_model  # noqa: E402
@@ -50,13 +49,6 @@ VARIANTS = {
 # (averaging does not change training, so one run compares them all).
 OTHER_DECAYS = (0.99, 0.995, 0.998)
 MIN_SLICE = 30  # images on each side of an attribute for its gap to count (issue 16's worst-slice goal)
-
-
-def read_split(source: str, split: str) -> dict:
-    table = shards.read_table(source)
-    rows = table.filter(np.asarray(table["split"]) == SPLITS[split])
-    return {"image": rows["image"].to_pylist(), "male": np.asarray(rows["male"], dtype=np.int64),
-            "attributes": np.stack([np.asarray(rows[name], dtype=np.int8) for name in ATTRIBUTES], axis=1)}
 
 
 def worst_gap(subgroups: dict) -> tuple[str, float]:
@@ -92,15 +84,9 @@ def run_variant(name: str, config_path: str, data: str, splits: dict) -> dict:
     steps = len(splits["train"]["male"]) // train.batch_size
     curve, started = [], time.perf_counter()
     for epoch in range(1, train.epochs + 1):
-        rng = np.random.default_rng([train.seed, epoch])
-        images = preprocessing.batch(splits["train"]["image"], rng if config.data.augment else None)
-        lr, lr_at_step = engine.epoch_lr_curve(train, epoch, steps)
-        engine.set_lr(optimizer, lr)
-        batches = engine.tensor_batches(images, splits["train"]["male"], train.batch_size,
-                                        shuffle_seed=train.seed * 1000 + epoch, drop_last=True)
-        stats = engine.train_one_epoch(model, batches, optimizer, label_smoothing=train.label_smoothing,
-                                       lr_at_step=lr_at_step, average=average, mixup_alpha=train.mixup,
-                                       mixup_seed=engine.mixup_seed(train.seed, epoch))
+        images = local_train.epoch_images(config, preprocessing, splits["train"]["image"], epoch)
+        batches = local_train.epoch_batches(config, images, splits["train"]["male"], epoch)
+        stats = engine.train_recipe_epoch(model, batches, optimizer, train, epoch, steps, average=average)
         metrics = engine.evaluate(evaluated, engine.tensor_batches(val, splits["val"]["male"], 128))
         curve.append(round(metrics["accuracy"], 4))
         for label, other in compared.items():
@@ -133,7 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    splits = {split: read_split(args.data, split) for split in ("train", "val", "test")}
+    splits = {split: local_train.read_split(args.data, split) for split in ("train", "val", "test")}
     if not all(len(splits[split]["male"]) for split in splits):
         raise SystemExit(f"{args.data}: needs train, val and test rows (genderid prepare --split selection)")
     results = []

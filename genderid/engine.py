@@ -200,6 +200,22 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch
             "seconds": seconds, "images_per_s": seen / seconds if seconds > 0 else 0.0}
 
 
+def train_recipe_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer, train,
+                       epoch: int, steps_per_epoch: int, options: StepOptions = StepOptions(),
+                       average: Optional[nn.Module] = None, rank: int = 0) -> dict:
+    """Epoch ``epoch`` of the recipe ``train`` (a :class:`genderid.config.TrainConfig`): its learning-rate curve,
+    label smoothing and mixup, and with ``average`` (see :func:`weight_average`) the weight average.
+
+    The one place that turns the recipe's training options into :func:`train_one_epoch`'s arguments: Ray Train's
+    loop, the local loop and the recipe ablations all train through it. Returns :func:`train_one_epoch`'s stats.
+    """
+    lr, lr_at_step = epoch_lr_curve(train, epoch, steps_per_epoch)
+    set_lr(optimizer, lr)
+    return train_one_epoch(model, batches, optimizer, options, label_smoothing=train.label_smoothing,
+                           lr_at_step=lr_at_step, average=average, mixup_alpha=train.mixup,
+                           mixup_seed=mixup_seed(train.seed, epoch, rank))
+
+
 @dataclass
 class Predictions:
     """Labels, scores and summed loss of an evaluation pass; mergeable across workers."""

@@ -119,8 +119,6 @@ def train_loop(loop_config: dict) -> None:
 
     for epoch in range(start_epoch, config.train.epochs + 1):
         hooks.on_epoch_start(epoch, rank, world)
-        lr, lr_at_step = engine.epoch_lr_curve(config.train, epoch, steps_per_epoch)
-        engine.set_lr(optimizer, lr)
         batches = hooks.wrap_train_batches(
             train_shard.iter_torch_batches(batch_size=config.train.batch_size,
                                            local_shuffle_buffer_size=config.train.batch_size * 8,
@@ -130,10 +128,8 @@ def train_loop(loop_config: dict) -> None:
         join = model.join() if hasattr(model, "join") else contextlib.nullcontext()
         started = time.perf_counter()
         with join:
-            stats = engine.train_one_epoch(model, batches, optimizer, options,
-                                           label_smoothing=config.train.label_smoothing, lr_at_step=lr_at_step,
-                                           average=average, mixup_alpha=config.train.mixup,
-                                           mixup_seed=engine.mixup_seed(config.train.seed, epoch, rank))
+            stats = engine.train_recipe_epoch(model, batches, optimizer, config.train, epoch, steps_per_epoch,
+                                              options, average=average, rank=rank)
         train_seconds = time.perf_counter() - started
         sync_buffers_from_rank0(module)
         if average is not None:
