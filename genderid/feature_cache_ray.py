@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from genderid import feature_cache, shards, storage
-from genderid.config import Config
+from genderid.config import Config, DataConfig
 from genderid.preprocess import Preprocessing
 
 FORWARD_BATCH = 64  # images per forward pass of the prefix (a part file holds several)
@@ -154,7 +154,8 @@ class DecodeFeatures:
                 "image_id": np.asarray(columns["image_id"]).astype(str)}
 
 
-def load_cached_split(cache_dir: str, split: str, num_cpus: float = 0.25, tasks: int = 0):
+def load_cached_split(cache_dir: str, split: str, num_cpus: float = DataConfig.cpus_per_decode_task,
+                      tasks: int = 0):
     """One split of a built cache as a Ray Dataset of engine batches (what ``load_split`` gives for images);
     ``num_cpus`` and ``tasks`` as in :func:`genderid.ray_data.load_split`."""
     from genderid.ray_data import quiet, read_parquet, task_limit

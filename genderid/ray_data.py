@@ -8,6 +8,7 @@ import numpy as np
 from genderid import shards
 from genderid.batches import corrupted_batch, to_model_batch
 from genderid.celeba import ATTRIBUTES, SPLITS
+from genderid.config import DataConfig
 from genderid.preprocess import Preprocessing
 
 READ_COLUMNS = ["image_id", "image", "male", "split", *ATTRIBUTES]
@@ -31,8 +32,8 @@ class Decode:
 
 
 def load_split(source: str, split: str, preprocessing: Preprocessing, augment: bool = False,
-               keep_attributes: bool = False, num_cpus: float = 0.25, batch_size: Optional[int] = 64,
-               tasks: int = 0):
+               keep_attributes: bool = False, num_cpus: float = DataConfig.cpus_per_decode_task,
+               batch_size: Optional[int] = 64, tasks: int = 0):
     """One split of a prepared data set as a lazily decoded Ray Dataset.
 
     ``num_cpus``: what each read and decode task reserves; ``tasks``: the most that run at once (0: no limit),
@@ -61,8 +62,8 @@ class CorruptedDecode:
         return corrupted_batch(columns, self.preprocessing)
 
 
-def load_corrupted_split(source: str, split: str, preprocessing: Preprocessing, num_cpus: float = 0.25,
-                         rows_per_batch: int = 4):
+def load_corrupted_split(source: str, split: str, preprocessing: Preprocessing,
+                         num_cpus: float = DataConfig.cpus_per_decode_task, rows_per_batch: int = 4):
     """One split under every corruption at every severity, as one lazily decoded Ray Dataset
     (``rows_per_batch`` input rows become that many x corruptions x severities images per output batch)."""
     dataset = split_rows(source, split, ["image_id", "image", "male", "split"], num_cpus)
