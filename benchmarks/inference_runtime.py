@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from genderid import runtime  # noqa: E402
+from genderid import local_train, runtime  # noqa: E402
+from genderid.metrics import balanced_accuracy  # noqa: E402
 from genderid.runtime import RuntimeSettings  # noqa: E402
 
 SETTINGS = [RuntimeSettings("torch", "fp32"), RuntimeSettings("onnxruntime", "fp32"),
@@ -64,18 +65,12 @@ def speed_rows(name: str, loaded, seconds: float, rng) -> list[str]:
     return rows
 
 
-def val_batches(source: str, preprocessing, split: int, batch_size: int = 64):
-    """Images and labels of one split (``split``: 0 train, 1 val, 2 test)."""
-    from genderid import shards
-    from genderid.batches import to_model_batch
-
-    table = shards.read_table(source)
-    table = table.filter(table["split"].to_numpy() == split)
-    for start in range(0, table.num_rows, batch_size):
-        part = table.slice(start, batch_size)
-        columns = {n: part[n].to_numpy(zero_copy_only=False) for n in part.column_names}
-        batch = to_model_batch(columns, preprocessing)
-        yield np.asarray(batch["image"]), np.asarray(batch["male"])
+def val_labels(forward, source: str, preprocessing, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true labels of a prepared data set's val split under ``forward``."""
+    val = local_train.read_split(source, "val")
+    predicted = [forward(preprocessing.batch(val["image"][start:start + batch_size])).argmax(1)
+                 for start in range(0, len(val["male"]), batch_size)]
+    return np.concatenate(predicted), val["male"]
 
 
 def accuracy_rows(checkpoint: str, data: str) -> list[str]:
@@ -86,12 +81,7 @@ def accuracy_rows(checkpoint: str, data: str) -> list[str]:
     labels, truth = {}, None
     for settings in SETTINGS:
         forward = runtime.forward_for(loaded, settings, calibration_batches=calibration)
-        predicted, true = [], []
-        for images, male in val_batches(data, loaded.preprocessing, 1):
-            logits = forward(images)
-            predicted.append(logits.argmax(1))
-            true.append(male)
-        labels[settings.name], truth = np.concatenate(predicted), np.concatenate(true)
+        labels[settings.name], truth = val_labels(forward, data, loaded.preprocessing)
     base = float(np.mean(labels["torch-fp32"] == truth))
     rows = []
     for name, predicted in labels.items():
@@ -124,13 +114,8 @@ def flip_tta_rows(name: str, loaded, seconds: float, rng, checkpoint=None, data=
         rows += ["", f"Val split of `{data}`, checkpoint `{checkpoint}`:", "",
                  "| predictor | val accuracy | balanced accuracy |", "| --- | --- | --- |"]
         for label, forward in forwards.items():
-            predicted, true = [], []
-            for images, male in val_batches(data, trained.preprocessing, 1):
-                predicted.append(forward(images).argmax(1))
-                true.append(male)
-            predicted, true = np.concatenate(predicted), np.concatenate(true)
-            balanced = np.mean([np.mean(predicted[true == c] == c) for c in (0, 1) if np.any(true == c)])
-            rows.append(f"| {label} | {np.mean(predicted == true):.4f} | {balanced:.4f} |")
+            predicted, true = val_labels(forward, data, trained.preprocessing)
+            rows.append(f"| {label} | {np.mean(predicted == true):.4f} | {balanced_accuracy(true, predicted):.4f} |")
     return rows
 
 
