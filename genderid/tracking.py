@@ -134,6 +134,22 @@ def find_run(tracker: Tracker, run_dir: str, kind: Optional[str] = None, trial_i
     return found[0].info.run_id if found else None
 
 
+def trial_runs(tracker: Tracker, sweep_dir: str, page_size: int = 1000) -> dict[str, str]:
+    """Each trial of the sweep folder ``sweep_dir`` -> its MLflow run id (the first logged, as :func:`find_run`
+    finds it), in one paged search: not one search per trial, each of which a file store answers by reading every
+    run of the experiment."""
+    query = f"tags.`{TAG_RUN_DIR}` = '{_quoted(sweep_dir)}' and tags.`{TAG_KIND}` = 'trial'"
+    found, token = {}, None
+    while True:
+        page = tracker.client().search_runs([tracker.experiment_id], query, max_results=page_size,
+                                            order_by=["attributes.start_time ASC"], page_token=token)
+        for run in page:
+            found.setdefault(run.data.tags.get(TAG_TRIAL, ""), run.info.run_id)
+        token = page.token
+        if not token:
+            return found
+
+
 def _quoted(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
 

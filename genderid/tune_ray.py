@@ -310,8 +310,9 @@ def _finish_tracking(tracker, sweep_run: str, sweep_dir: str, rows: Optional[lis
     """The sweep's MLflow run gets its results (table, plot, best.json) and each trial's run its outcome."""
     files = {name: runs.path(sweep_dir, name) for name in (runs.RESULTS_FILE, runs.SWEEP_PLOT_FILE, runs.BEST_FILE)}
     tracking.log_files(tracker, sweep_run, files)
+    trial_runs = tracking.trial_runs(tracker, sweep_dir) if rows else {}
     for row in rows or []:
-        trial_run = tracking.find_run(tracker, sweep_dir, "trial", row["trial_id"])
+        trial_run = trial_runs.get(row["trial_id"])
         if trial_run is not None:
             tracker.client().set_tag(trial_run, "ended", row.get("ended", ""))
             if "checkpoint" in row:

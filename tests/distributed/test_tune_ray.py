@@ -97,6 +97,9 @@ def test_sweep_job_with_asha_writes_results_and_a_loadable_best(local_cluster, p
     for row in table:
         run = by_trial[row["trial_id"]]
         assert run.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
+        # The sweep's end tags each trial's run with its outcome and best checkpoint (tracking.trial_runs).
+        assert run.data.tags["ended"] == row["ended"]
+        assert run.data.tags.get("best_checkpoint", "") == row.get("checkpoint", "")
         assert float(run.data.params["lr"]) == pytest.approx(float(row["config/lr"]))
         assert run.data.params["unfreeze_depth"] == row["config/unfreeze_depth"]
         history = json.loads((sweep / "trials" / row["trial_id"] / "history.json").read_text())

@@ -77,3 +77,21 @@ def test_tracking_is_off_when_disabled_or_without_a_local_store(tmp_path, capsys
         tiny(tmp_path, "tracking.uri=nowhere")
     with pytest.raises(tracking.TrackingError, match="tracking.uri: cannot open MLflow store"):
         tracking.open_tracker(tiny(tmp_path, "tracking.uri=nosuchscheme://x"))
+
+
+def test_a_sweeps_trial_runs_are_found_in_one_paged_search(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    tracker = tracking.open_tracker(tiny(tmp_path))
+    ids = {t: tracking.start_run(tracker, "/runs/sweep", "trial", t, {}, trial_id=t) for t in ("t1", "t2", "t3")}
+    tracking.start_run(tracker, "/runs/sweep", "sweep", "sweep", {})  # the sweep's own run: not a trial
+    tracking.start_run(tracker, "/runs/other", "trial", "t1", {}, trial_id="t1")  # another sweep's trial
+    searches = []
+    search = MlflowClient.search_runs
+    monkeypatch.setattr(MlflowClient, "search_runs", lambda self, *a, **k: searches.append(k) or search(self, *a, **k))
+    assert tracking.trial_runs(tracker, "/runs/sweep") == ids
+    assert len(searches) == 1
+    # Pages of one run: the same answer, every page read (one more search answers the empty last page, or none).
+    assert tracking.trial_runs(tracker, "/runs/sweep", page_size=1) == ids
+    assert len(searches) >= 4
+    assert {t: tracking.find_run(tracker, "/runs/sweep", "trial", t) for t in ids} == ids
