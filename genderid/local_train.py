@@ -2,8 +2,8 @@
 
 For small data: the whole split is read into memory once and decoded afresh each epoch (augmentation draws new
 flips and crops every epoch, as Ray Data's decode does). It trains the recipe as Ray Train does (learning-rate
-curve, label smoothing, mixup, weight average, through :func:`genderid.engine.train_recipe_epoch`), so a model
-from here is the one ``genderid train`` would make on one worker, up to shuffling. Tests use it for a trained
+curve, label smoothing, mixup, weight average, through :func:`genderid.engine.train_recipe_epoch`): the recipe
+``genderid train`` runs on one worker, its shuffling and augmentation draws aside. Tests use it for a trained
 model without Ray; the recipe ablations in ``benchmarks/`` run its pieces epoch by epoch.
 """
 from __future__ import annotations
