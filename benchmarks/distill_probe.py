@@ -40,15 +40,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from genderid import engine  # noqa: E402
-from genderid.celeba import ATTRIBUTES  # noqa: E402
 from genderid.config import config_location, load_config  # noqa: E402
 from genderid.faces import CELEBA_TEMPLATE_BOX, TEMPLATE_FRAME, _model_file  # noqa: E402
+from genderid.local_train import epoch_batches, epoch_images, read_split  # noqa: E402
 from genderid.model import build_model  # noqa: E402
 from genderid.preprocess import Preprocessing  # noqa: E402
-from genderid.local_train import epoch_batches, epoch_images, read_split  # noqa: E402
-from recipe_ablation import worst_gap  # noqa: E402
+from recipe_ablation import final_scores  # noqa: E402
 
-SPLITS = ("train", "val", "test")
+SPLIT_NAMES = ("train", "val", "test")
 # Each variant: the hint's weight, whether its targets are centred on the train mean, the KD loss's weight.
 VARIANTS = {
     "hint": {"hint": 1.0, "center": False, "kd": 0.0},
@@ -80,7 +79,7 @@ def descriptors(splits: dict, cache: Path, processes: int) -> dict:
     """Each split's descriptors, computed once and kept in ``cache``."""
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
-    for split in SPLITS:
+    for split in SPLIT_NAMES:
         path = cache / f"{split}.npy"
         if not path.exists():
             started = time.perf_counter()
@@ -120,7 +119,7 @@ def run_probe(desc: dict, splits: dict) -> tuple[torch.nn.Linear, list[dict]]:
     for l2 in PROBE_L2:
         probe = fit_probe(desc["train"], splits["train"]["male"], l2)
         rows.append({"l2": l2, "probe": probe, **{f"{s}_accuracy": round(accuracy(probe, desc[s], splits[s]["male"]), 4)
-                                                  for s in SPLITS}})
+                                                  for s in SPLIT_NAMES}})
     best = max(rows, key=lambda r: r["val_accuracy"])
     return best["probe"], [{k: v for k, v in r.items() if k != "probe"} for r in rows]
 
@@ -174,18 +173,8 @@ def run_variant(name: str, config_path: str, data: str, splits: dict, desc: dict
         print(f"  {name} epoch {epoch}: hint loss {hint_sum / steps:.4f}, select acc {metrics['accuracy']:.4f}",
               flush=True)
     seconds = time.perf_counter() - started
-    scored = {}
-    for split in ("val", "test"):
-        part = splits[split]
-        scored[split] = engine.evaluate(model, engine.tensor_batches(
-            preprocessing.batch(part["image"]), part["male"], 128, part["attributes"]), attribute_names=ATTRIBUTES)
     return {"variant": name, **spec, "epochs": train.epochs, "seconds": round(seconds, 1),
-            "select_accuracy": round(scored["val"]["accuracy"], 4),
-            "select_balanced_accuracy": round(scored["val"]["balanced_accuracy"], 4),
-            "select_worst_gap": worst_gap(scored["val"]["subgroups"]),
-            "test_accuracy": round(scored["test"]["accuracy"], 4),
-            "test_balanced_accuracy": round(scored["test"]["balanced_accuracy"], 4),
-            "test_worst_gap": worst_gap(scored["test"]["subgroups"]), "select_curve": curve}
+            **final_scores(model, preprocessing, splits, val), "select_curve": curve}
 
 
 def main() -> None:
@@ -200,8 +189,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    splits = {split: read_split(args.data, split) for split in SPLITS}
-    if not all(len(splits[split]["male"]) for split in SPLITS):
+    splits = {split: read_split(args.data, split) for split in SPLIT_NAMES}
+    if not all(len(splits[split]["male"]) for split in SPLIT_NAMES):
         raise SystemExit(f"{args.data}: needs train, val and test rows (genderid prepare --split selection)")
     desc = descriptors(splits, args.cache, args.processes)
     teacher, probes = run_probe(desc, splits)

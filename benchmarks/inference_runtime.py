@@ -65,12 +65,15 @@ def speed_rows(name: str, loaded, seconds: float, rng) -> list[str]:
     return rows
 
 
-def val_labels(forward, source: str, preprocessing, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted and true labels of a prepared data set's val split under ``forward``."""
+def val_split(source: str, preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """A prepared data set's val images, preprocessed once for every runtime that is scored on them, and labels."""
     val = local_train.read_split(source, "val")
-    predicted = [forward(preprocessing.batch(val["image"][start:start + batch_size])).argmax(1)
-                 for start in range(0, len(val["male"]), batch_size)]
-    return np.concatenate(predicted), val["male"]
+    return preprocessing.batch(val["image"]), val["male"]
+
+
+def predicted_labels(forward, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return np.concatenate([forward(images[start:start + batch_size]).argmax(1)
+                           for start in range(0, len(images), batch_size)])
 
 
 def accuracy_rows(checkpoint: str, data: str) -> list[str]:
@@ -78,10 +81,11 @@ def accuracy_rows(checkpoint: str, data: str) -> list[str]:
 
     loaded = load_checkpoint(checkpoint)
     calibration = runtime.val_batches(data, loaded.preprocessing)  # what `genderid export` calibrates on
-    labels, truth = {}, None
+    images, truth = val_split(data, loaded.preprocessing)
+    labels = {}
     for settings in SETTINGS:
         forward = runtime.forward_for(loaded, settings, calibration_batches=calibration)
-        labels[settings.name], truth = val_labels(forward, data, loaded.preprocessing)
+        labels[settings.name] = predicted_labels(forward, images)
     base = float(np.mean(labels["torch-fp32"] == truth))
     rows = []
     for name, predicted in labels.items():
@@ -113,8 +117,9 @@ def flip_tta_rows(name: str, loaded, seconds: float, rng, checkpoint=None, data=
         forwards["torch fp32 + flip TTA"] = runtime.flip_averaged(forwards["torch fp32"])
         rows += ["", f"Val split of `{data}`, checkpoint `{checkpoint}`:", "",
                  "| predictor | val accuracy | balanced accuracy |", "| --- | --- | --- |"]
+        images, true = val_split(data, trained.preprocessing)
         for label, forward in forwards.items():
-            predicted, true = val_labels(forward, data, trained.preprocessing)
+            predicted = predicted_labels(forward, images)
             rows.append(f"| {label} | {np.mean(predicted == true):.4f} | {balanced_accuracy(true, predicted):.4f} |")
     return rows
 

@@ -95,19 +95,23 @@ def run_variant(name: str, config_path: str, data: str, splits: dict) -> dict:
         print(f"  {name} epoch {epoch}: train acc {stats['accuracy']:.4f}, select acc {metrics['accuracy']:.4f}, "
               f"{stats['images_per_s']:.0f} images/s", flush=True)
     seconds = time.perf_counter() - started
-    test = splits["test"]
-    test_metrics = engine.evaluate(
-        evaluated, engine.tensor_batches(preprocessing.batch(test["image"]), test["male"], 128, test["attributes"]),
-        attribute_names=ATTRIBUTES)
-    select = engine.evaluate(evaluated, engine.tensor_batches(val, splits["val"]["male"], 128,
-                                                              splits["val"]["attributes"]), attribute_names=ATTRIBUTES)
     return {"variant": name, "overrides": VARIANTS[name], "epochs": train.epochs, "seconds": round(seconds, 1),
-            "select_accuracy": round(select["accuracy"], 4),
-            "select_balanced_accuracy": round(select["balanced_accuracy"], 4),
-            "select_worst_gap": worst_gap(select["subgroups"]),
-            "test_accuracy": round(test_metrics["accuracy"], 4),
-            "test_balanced_accuracy": round(test_metrics["balanced_accuracy"], 4),
-            "test_worst_gap": worst_gap(test_metrics["subgroups"]), "select_curve": curve}
+            **final_scores(evaluated, preprocessing, splits, val), "select_curve": curve}
+
+
+def final_scores(model, preprocessing, splits: dict, val_images=None) -> dict:
+    """Accuracy, balanced accuracy and worst attribute gap on the selection (``val``) and reported (``test``)
+    splits, keyed as the results' JSON lines and table read them. ``val_images``: the val split preprocessed."""
+    scores = {}
+    for split, prefix in (("val", "select"), ("test", "test")):
+        part = splits[split]
+        images = val_images if split == "val" and val_images is not None else preprocessing.batch(part["image"])
+        metrics = engine.evaluate(model, engine.tensor_batches(images, part["male"], 128, part["attributes"]),
+                                  attribute_names=ATTRIBUTES)
+        scores.update({f"{prefix}_accuracy": round(metrics["accuracy"], 4),
+                       f"{prefix}_balanced_accuracy": round(metrics["balanced_accuracy"], 4),
+                       f"{prefix}_worst_gap": worst_gap(metrics["subgroups"])})
+    return scores
 
 
 def main() -> None:

@@ -124,24 +124,29 @@ def flat_params(values: dict, prefix: str = "") -> dict:
 
 def find_run(tracker: Tracker, run_dir: str, kind: Optional[str] = None, trial_id: Optional[str] = None):
     """The MLflow run id logged for the run or sweep folder ``run_dir`` (a trial: its ``trial_id``), or None."""
+    found = tracker.client().search_runs([tracker.experiment_id], _run_filter(run_dir, kind, trial_id),
+                                         max_results=1, order_by=["attributes.start_time ASC"])
+    return found[0].info.run_id if found else None
+
+
+def _run_filter(run_dir: str, kind: Optional[str] = None, trial_id: Optional[str] = None) -> str:
+    """MLflow's search filter for the runs of ``run_dir`` (of that ``kind``, that ``trial_id``)."""
     query = [f"tags.`{TAG_RUN_DIR}` = '{_quoted(run_dir)}'"]
     if kind:
         query.append(f"tags.`{TAG_KIND}` = '{kind}'")
     if trial_id:
         query.append(f"tags.`{TAG_TRIAL}` = '{_quoted(trial_id)}'")
-    found = tracker.client().search_runs([tracker.experiment_id], " and ".join(query), max_results=1,
-                                         order_by=["attributes.start_time ASC"])
-    return found[0].info.run_id if found else None
+    return " and ".join(query)
 
 
 def trial_runs(tracker: Tracker, sweep_dir: str, page_size: int = 1000) -> dict[str, str]:
     """Each trial of the sweep folder ``sweep_dir`` -> its MLflow run id (the first logged, as :func:`find_run`
     finds it), in one paged search: not one search per trial, each of which a file store answers by reading every
     run of the experiment."""
-    query = f"tags.`{TAG_RUN_DIR}` = '{_quoted(sweep_dir)}' and tags.`{TAG_KIND}` = 'trial'"
     found, token = {}, None
     while True:
-        page = tracker.client().search_runs([tracker.experiment_id], query, max_results=page_size,
+        page = tracker.client().search_runs([tracker.experiment_id], _run_filter(sweep_dir, "trial"),
+                                            max_results=page_size,
                                             order_by=["attributes.start_time ASC"], page_token=token)
         for run in page:
             found.setdefault(run.data.tags.get(TAG_TRIAL, ""), run.info.run_id)

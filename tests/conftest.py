@@ -31,6 +31,19 @@ def synthetic_celeba(tmp_path_factory) -> Path:
     return write_synthetic_celeba(tmp_path_factory.mktemp("celeba") / "synthetic", n=240, seed=1, size=(48, 48))
 
 
+def _run_locally(fn, specs):
+    return [fn(spec) for spec in specs]
+
+
+def prepare(folder, out, rows_per_shard=100, run_tasks=_run_locally):
+    """``folder`` (a CelebA layout) prepared into ``out`` with the official split, in this process (no Ray)."""
+    from genderid import celeba, shards
+
+    index = celeba.read_celeba(str(folder))
+    return shards.prepare_dataset(index, celeba.official_split(index), str(out), {"recipe": "official"},
+                                  run_tasks=run_tasks, rows_per_shard=rows_per_shard)
+
+
 @pytest.fixture
 def tiny_config():
     from genderid.config import load_config, named_config_path

@@ -2,18 +2,16 @@
 import pytest
 import torch
 
-from genderid import celeba, shards
-from genderid.celeba import read_celeba
+from conftest import prepare
+from genderid import celeba
 from genderid.config import load_config, named_config_path
 from genderid.local_train import read_split, train_local
 
 
 @pytest.fixture(scope="module")
 def source(synthetic_celeba, tmp_path_factory):
-    index = read_celeba(str(synthetic_celeba))
     out = tmp_path_factory.mktemp("local") / "prepared"
-    shards.prepare_dataset(index, celeba.official_split(index), str(out), {"recipe": "official"},
-                           run_tasks=lambda fn, specs: [fn(spec) for spec in specs])
+    prepare(synthetic_celeba, out)
     return str(out)
 
 

@@ -5,18 +5,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import prepare
 from genderid import celeba, shards
 from genderid.celeba import read_celeba
 
 
-def run_locally(fn, specs):
-    return [fn(spec) for spec in specs]
-
-
-def prepare(folder, out, rows_per_shard=100, run_tasks=run_locally):
-    index = read_celeba(str(folder))
-    return shards.prepare_dataset(index, celeba.official_split(index), str(out), {"recipe": "official"},
-                                  run_tasks=run_tasks, rows_per_shard=rows_per_shard)
 
 
 def test_schema_and_round_trip(synthetic_celeba, tmp_path):
