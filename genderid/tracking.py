@@ -160,14 +160,8 @@ def _quoted(text: str) -> str:
 
 
 def start_run(tracker: Tracker, run_dir: str, kind: str, name: str, params: dict,
-              parent_run_id: Optional[str] = None, trial_id: Optional[str] = None,
-              history: Optional[str] = None) -> str:
-    """The MLflow run of ``run_dir`` (resumed when it exists, else created, with ``params``); returns its id.
-
-    ``history``: the run's ``history.json``. A resumed run gets the epochs it holds that MLflow lacks: a driver
-    killed hard can lose an epoch's report between the worker's write and the callback, and the resumed run
-    continues after that epoch without reporting it again.
-    """
+              parent_run_id: Optional[str] = None, trial_id: Optional[str] = None) -> str:
+    """The MLflow run of ``run_dir`` (resumed when it exists, else created, with ``params``); returns its id."""
     client = tracker.client()
     run_id = find_run(tracker, run_dir, kind, trial_id)
     if run_id is None:
@@ -180,20 +174,21 @@ def start_run(tracker: Tracker, run_dir: str, kind: str, name: str, params: dict
         _log_params(client, run_id, params)
     else:
         client.update_run(run_id, status="RUNNING")
-        if history is not None:
-            backfill(tracker, run_id, history)
     return run_id
 
 
-def backfill(tracker: Tracker, run_id: str, history: str) -> None:
-    """Log the epochs of ``history`` (a run's ``history.json``) that the MLflow run does not have yet."""
+def backfill(tracker: Tracker, run_id: str, history: str, before_epoch: Optional[int] = None) -> None:
+    """Log the epochs of ``history`` (a run's ``history.json``) that the MLflow run does not have yet, only those
+    before ``before_epoch`` when given."""
     try:
         epochs = json.loads(storage.read_bytes(history)) if storage.exists(history) else []
     except (OSError, ValueError):
         return
     logged = {m.step for m in tracker.client().get_metric_history(run_id, "val_loss")}  # every epoch reports it
     for report in epochs if isinstance(epochs, list) else []:
-        if isinstance(report, dict) and isinstance(report.get("epoch"), int) and report["epoch"] not in logged:
+        if not (isinstance(report, dict) and isinstance(report.get("epoch"), int)) or report["epoch"] in logged:
+            continue
+        if before_epoch is None or report["epoch"] < before_epoch:
             log_epoch(tracker, run_id, report)
 
 
@@ -210,12 +205,22 @@ def epoch_metrics(report: dict) -> dict:
     return {k: float(report[k]) for k in EPOCH_METRICS if isinstance(report.get(k), (int, float))}
 
 
-def log_epoch(tracker: Tracker, run_id: str, report: dict) -> None:
-    """One epoch's metrics, at step = the epoch; a failure warns once per call and training goes on."""
+def log_epoch(tracker: Tracker, run_id: str, report: dict, history: Optional[str] = None) -> None:
+    """One epoch's metrics, at step = the epoch; a failure warns once per call and training goes on.
+
+    ``history``: the run's ``history.json``. The first report of a resumed run (``epoch == start_epoch > 1``) first
+    logs the epochs it restored from its checkpoint that MLflow lacks (a driver killed hard can lose a report after
+    Ray registered its checkpoint); by then the resumed run has rewritten ``history.json`` from that checkpoint.
+    The epochs after the checkpoint are not taken from an older ``history.json``: a killed run's worker can write
+    an epoch whose checkpoint Ray never registered, and the resumed run trains that epoch again and reports it.
+    """
     from mlflow.entities import Metric
 
     try:
-        now, step = int(time.time() * 1000), int(report["epoch"])
+        step, start = int(report["epoch"]), report.get("start_epoch")
+        if history is not None and isinstance(start, int) and 1 < start == step:
+            backfill(tracker, run_id, history, before_epoch=start)
+        now = int(time.time() * 1000)  # after the backfill: MLflow orders a metric's history by time, then step
         tracker.client().log_batch(run_id, metrics=[Metric(k, v, now, step)
                                                     for k, v in epoch_metrics(report).items()])
     except Exception as exc:  # see open_tracker: never fail training over tracking

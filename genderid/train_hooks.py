@@ -75,6 +75,26 @@ class FailOnce(TrainHooks):
             os._exit(1)
 
 
+class HoldLaterRuns(TrainHooks):
+    """Let the first run that reaches ``epoch`` train it; hold every later run at the start of ``epoch`` until its
+    processes are killed. A sweep that runs one trial at a time then stands still exactly between trials: the
+    first trial finished, the next one with ``epoch - 1`` epochs checkpointed (its ranks touch
+    ``<dir>/held-rank<R>``), however fast an epoch is."""
+
+    def __init__(self, epoch: int, marker_dir: str):
+        self.epoch, self.marker_dir = epoch, marker_dir
+
+    def on_epoch_start(self, epoch, rank, world):
+        if epoch == self.epoch and (Path(self.marker_dir) / "passed").exists():
+            (Path(self.marker_dir) / f"held-rank{rank}").touch()
+            while True:
+                time.sleep(1)
+
+    def on_epoch_end(self, epoch, rank, module):
+        if epoch == self.epoch and rank == 0:
+            (Path(self.marker_dir) / "passed").touch()
+
+
 class RecordShards(TrainHooks):
     """Write the image ids each rank trained on, per epoch: ``<dir>/epoch<E>-rank<R>.json``."""
 

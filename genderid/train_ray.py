@@ -111,13 +111,16 @@ def train_loop(loop_config: dict) -> None:
             average.module.load_state_dict(loaded.model.state_dict())
             average.n_averaged.fill_(int(loaded.train_state["averaged_steps"]))
     start_epoch = state["epoch"] + 1
+    # A run restored from the epoch where early stopping stopped it (rerun, or killed just after) is finished.
+    last_epoch = state["epoch"] if state["history"] and state["history"][-1].get("early_stopped") \
+        else config.train.epochs
     steps_per_epoch = math.ceil(loop_config["train_rows"] / world / config.train.batch_size)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     from genderid.ray_data import torch_collate
 
-    for epoch in range(start_epoch, config.train.epochs + 1):
+    for epoch in range(start_epoch, last_epoch + 1):
         hooks.on_epoch_start(epoch, rank, world)
         batches = hooks.wrap_train_batches(
             train_shard.iter_torch_batches(batch_size=config.train.batch_size,
@@ -357,15 +360,15 @@ def run_training(config: Config, hooks: Optional[TrainHooks] = None) -> dict:
     check_data_source(config)  # before Ray starts: bad input costs nothing
     init_ray()
     run = runs.run_dir_of(config)
+    history = runs.path(run, runs.HISTORY_FILE)
     tracker = tracking.open_tracker(config)
     mlflow_run = None
     if tracker is not None:
         mlflow_run = tracking.start_run(tracker, run, "train", config.storage.name,
-                                        tracking.flat_params(config.to_dict()),
-                                        history=runs.path(run, runs.HISTORY_FILE))
+                                        tracking.flat_params(config.to_dict()))
     failed = True
     try:
-        callbacks = () if mlflow_run is None else (EpochTracker(tracker, mlflow_run),)
+        callbacks = () if mlflow_run is None else (EpochTracker(tracker, mlflow_run, history),)
         result = build_trainer(config, hooks, callbacks).fit()
         if result.error is not None:
             raise result.error
@@ -374,6 +377,8 @@ def run_training(config: Config, hooks: Optional[TrainHooks] = None) -> dict:
         failed = False
     finally:
         if mlflow_run is not None:
+            if not failed:  # a resumed run that had no epoch left to run reported none: its history is final
+                tracking.backfill(tracker, mlflow_run, history)
             tracking.log_files(tracker, mlflow_run, {name: runs.path(run, name)
                                                      for name in (runs.BEST_FILE, runs.HISTORY_FILE)})
             tracking.finish_run(tracker, mlflow_run, failed,

@@ -102,6 +102,11 @@ def test_early_stopping_follows_the_patience_rule(prepared, tmp_path):
     assert stop_at is not None and history[-1]["epoch"] == stop_at < 8
     assert history[-1]["early_stopped"] is True
     assert best["metrics"]["epoch"] == min(history, key=lambda h: h["val_loss"])["epoch"]
+    # The same command again restores the stopped epoch's checkpoint: the run is finished, nothing trains.
+    checkpoints = sorted(p.name for p in (tmp_path / "runs" / "early").glob("checkpoint_*"))
+    assert run_training(config) == best
+    assert history_of(tmp_path, "early") == history
+    assert sorted(p.name for p in (tmp_path / "runs" / "early").glob("checkpoint_*")) == checkpoints
 
 
 def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(prepared, tmp_path):

@@ -143,31 +143,69 @@ def registered_epochs(trial_run):
     return [r["metrics"]["epoch"] for r in snapshot.get("checkpoint_results", [])]
 
 
+def wait_until_the_trials_actors_end(cluster, timeout=120):
+    """A killed driver's trial actors run on in the cluster until Ray ends them, a moment later (CI once saw a
+    worker finish an epoch after the kill). A rerun that raced them would have two runs in one trial's folder,
+    which is a test of Ray's clean-up speed, not of the resume."""
+    deadline, alive = time.time() + timeout, None
+    while time.time() < deadline:
+        listed = cluster.ray_cli("list", "actors", "--address", cluster.dashboard_url, "--filter", "state=ALIVE",
+                                 "--format", "json", "--limit", "10000")
+        alive = [a["class_name"] for a in json.loads(listed.stdout)
+                 if a["class_name"] in ("ImplicitFunc", "TrainController", "RayTrainWorker")]
+        if not alive:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the killed sweep's actors still run after {timeout} s: {alive}")
+
+
+def tune_finished_trials(sweep):
+    """The trials that Tune's saved experiment state records as finished (what a resumed sweep will not rerun)."""
+    states = sorted((sweep / "tune").glob("experiment_state-*.json"))
+    try:
+        saved = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (OSError, ValueError):  # being written
+        return set()
+    trials = [json.loads(state) if isinstance(state, str) else state for state, _ in saved]
+    return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
+
+
+# A driver that runs the same sweep as `genderid tune` does, with a hook that holds the second trial at epoch 2.
+HELD_SWEEP = """
+import sys
+from genderid.config import load_config, named_config_path
+from genderid.train_hooks import HoldLaterRuns
+from genderid.tune_ray import run_sweep
+run_sweep(load_config(named_config_path("tiny"), sys.argv[2:]), hooks=HoldLaterRuns(2, sys.argv[1]))
+"""
+
+
 def test_a_killed_sweep_resumes_its_own_trials_from_their_checkpoints(local_cluster, prepared, tmp_path):
     """SIGKILL the driver between trials, rerun the same command: no hand-run cleanup, no fresh sweep."""
-    # No ASHA stop: both trials run 2 epochs. 192x192 inputs (the images are 48x48) make an epoch take ~5 s, so
-    # that the second trial is still running when the first one has been finished for 10 s.
+    # No ASHA stop: both trials run 2 epochs, one after the other. The first run's second trial is held at the start
+    # of epoch 2 (a test hook), so the kill lands between its checkpointed epoch 1 and its epoch 2 every time.
     overrides = sweep_overrides(prepared, tmp_path, "resume") + [
-        "tune.num_samples=2", "tune.max_epochs=2", "tune.grace_period=2", "data.image_size=[192, 192]"]
+        "tune.num_samples=2", "tune.max_epochs=2", "tune.grace_period=2", "tune.max_concurrent_trials=1"]
     command = [sys.executable, "-m", "genderid", "tune", "--config", str(named_config_path("tiny")), *overrides]
     env = {**local_cluster.env(), "RAY_ADDRESS": local_cluster.address, "PYTHONUNBUFFERED": "1"}
-    trials = tmp_path / "sweeps" / "resume" / "trials"
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    deadline, finished_at, histories = time.time() + 600, None, {}
-    while time.time() < deadline:  # one trial finished, the next one has a registered checkpoint of epoch 1
+    sweep = tmp_path / "sweeps" / "resume"
+    trials, markers = sweep / "trials", tmp_path / "markers"
+    markers.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", HELD_SWEEP, str(markers), *overrides], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, histories, finished, interrupted = time.time() + 600, {}, set(), set()
+    while time.time() < deadline:  # one trial finished (and saved so by Tune), the next one held after epoch 1
         time.sleep(1)
+        assert first.poll() is None, "the sweep ended before it could be interrupted"
         histories = {p.parent.name: json.loads(p.read_text()) for p in trials.glob("*/history.json")}
         finished = {t for t, h in histories.items() if h and h[-1]["epoch"] == 2}
         interrupted = {t for t, h in histories.items() if h and h[-1]["epoch"] == 1 and registered_epochs(trials / t)}
-        finished_at = finished_at or (time.time() if finished else None)
-        # Tune writes its experiment state every few seconds: let it record the finished trial first.
-        if finished and interrupted and time.time() - finished_at > 10:
+        if finished and finished <= tune_finished_trials(sweep) and interrupted and list(markers.glob("held-*")):
             break
-        assert first.poll() is None, "the sweep ended before it could be interrupted"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert len(finished) == 1 and len(interrupted) == 1, histories
+    wait_until_the_trials_actors_end(local_cluster)
     [done], [cut] = finished, interrupted
     done_before = (trials / done / "history.json").read_text()
 
@@ -183,8 +221,9 @@ def test_a_killed_sweep_resumes_its_own_trials_from_their_checkpoints(local_clus
     assert [h["epoch"] for h in resumed] == [1, 2]
     assert [h["start_epoch"] for h in resumed] == [1, 2]  # epoch 2 ran after resuming from epoch 1's checkpoint
     assert resumed[0] == histories[cut][0]
-    # MLflow after the resume: still one run per trial; the cut trial's run holds epoch 1 (logged before the
-    # kill) and epoch 2 (after the resume), once each.
+    # MLflow after the resume: still one run per trial; the cut trial's run holds epoch 1 (logged before the kill,
+    # or from its checkpoint's history when its report was lost with the driver) and epoch 2 (after the resume),
+    # once each and in order.
     client, trial_runs = mlflow_runs(tmp_path / "sweeps", "trial")
     by_trial = {r.data.tags["genderid.trial_id"]: r for r in trial_runs}
     assert len(trial_runs) == 2 and set(by_trial) == {done, cut}

@@ -36,26 +36,52 @@ def _report(tmp_path):
     return folder
 
 
-def test_a_resumed_run_logs_into_the_mlflow_run_it_started(tmp_path):
+def _epoch(epoch, val_accuracy, start_epoch=1):
+    return {"epoch": epoch, "start_epoch": start_epoch, "val_accuracy": val_accuracy, "val_loss": 1 - val_accuracy}
+
+
+def _curve(client, run_id):
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, "val_accuracy")]
+
+
+def test_a_resumed_run_logs_into_the_mlflow_run_it_started_each_epoch_once(tmp_path):
     config = tiny(tmp_path)
     tracker = tracking.open_tracker(config)
-    first = tracking.start_run(tracker, "/runs/sweep", "trial", "t1", {}, trial_id="t1")
-    tracking.log_epoch(tracker, first, {"epoch": 1, "val_accuracy": 0.5, "val_loss": 0.7, "train_images": 10})
-    tracking.finish_run(tracker, first, failed=True)
-    # The run's history holds epoch 2 too: its report was lost with a killed driver. A resume logs it, once.
-    history = tmp_path / "history.json"
-    history.write_text(json.dumps([{"epoch": 1, "val_accuracy": 0.5, "val_loss": 0.7},
-                                   {"epoch": 2, "val_accuracy": 0.625, "val_loss": 0.6}]))
-    again = tracking.start_run(tracker, "/runs/sweep", "trial", "t1", {}, trial_id="t1", history=str(history))
-    other = tracking.start_run(tracker, "/runs/sweep", "trial", "t2", {}, trial_id="t2", history=str(history))
-    assert again == first and other != first
-    tracking.log_epoch(tracker, again, {"epoch": 3, "val_accuracy": 0.75})
     client = tracker.client()
-    logged = client.get_metric_history(first, "val_accuracy")
-    assert [(m.step, m.value) for m in logged] == [(1, 0.5), (2, 0.625), (3, 0.75)]
-    assert client.get_metric_history(other, "val_accuracy") == []  # a new run is not backfilled from another
+    history = tmp_path / "history.json"
+    first = tracking.start_run(tracker, "/runs/sweep", "trial", "t1", {}, trial_id="t1")
+    tracking.log_epoch(tracker, first, {**_epoch(1, 0.5), "train_images": 10}, history=str(history))
+    tracking.finish_run(tracker, first, failed=True)
+    # Killed during epoch 2: its worker still wrote epoch 2 to history.json, but Ray never registered its checkpoint.
+    history.write_text(json.dumps([_epoch(1, 0.5), _epoch(2, 0.625)]))
+    again = tracking.start_run(tracker, "/runs/sweep", "trial", "t1", {}, trial_id="t1")
+    other = tracking.start_run(tracker, "/runs/sweep", "trial", "t2", {}, trial_id="t2")
+    assert again == first and other != first
+    # The resumed run restores epoch 1, trains epoch 2 again and rewrites history.json before reporting it.
+    history.write_text(json.dumps([_epoch(1, 0.5), _epoch(2, 0.75, start_epoch=2)]))
+    tracking.log_epoch(tracker, again, _epoch(2, 0.75, start_epoch=2), history=str(history))
+    assert _curve(client, first) == [(1, 0.5), (2, 0.75)]  # not the lost run's 0.625 as well
+    assert _curve(client, other) == []  # a new run is not backfilled from another
     assert "train_images" not in client.get_run(first).data.metrics  # bookkeeping is not a curve
     assert client.get_run(first).info.status == "RUNNING"
+
+
+def test_epochs_whose_report_was_lost_after_their_checkpoint_are_backfilled(tmp_path):
+    tracker = tracking.open_tracker(tiny(tmp_path))
+    client = tracker.client()
+    history = tmp_path / "history.json"
+    # Epoch 2's checkpoint was registered, its report lost with the driver: the resumed run starts at epoch 3.
+    run = tracking.start_run(tracker, "/runs/a", "train", "a", {})
+    tracking.log_epoch(tracker, run, _epoch(1, 0.5), history=str(history))
+    history.write_text(json.dumps([_epoch(1, 0.5), _epoch(2, 0.625), _epoch(3, 0.75, start_epoch=3)]))
+    tracking.log_epoch(tracker, run, _epoch(3, 0.75, start_epoch=3), history=str(history))
+    tracking.log_epoch(tracker, run, _epoch(4, 0.8, start_epoch=3), history=str(history))
+    assert _curve(client, run) == [(1, 0.5), (2, 0.625), (3, 0.75), (4, 0.8)]
+    # A resumed run with no epoch left to run reports none: at its successful end its history is final.
+    done = tracking.start_run(tracker, "/runs/b", "train", "b", {})
+    tracking.log_epoch(tracker, done, _epoch(1, 0.5), history=str(history))
+    tracking.backfill(tracker, done, str(history))
+    assert _curve(client, done) == [(1, 0.5), (2, 0.625), (3, 0.75)]
 
 
 def test_params_are_the_dotted_config_keys(tmp_path):
