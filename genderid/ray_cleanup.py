@@ -8,6 +8,10 @@ reserved. On a small cluster the resumed sweep then waits forever: Ray Data's Pa
 A non-detached placement group whose creator job is dead should not exist (Ray removes such groups itself once
 both their creator job and creator actor are dead), so removing it restores Ray's own lifetime rule; live jobs'
 groups and detached groups are never touched.
+
+The killed driver's trials and Train workers themselves die with it, but a hop at a time along their owners (the
+trial, its Train controller, its workers): CI saw a worker finish an epoch and write its history after the kill.
+A rerun that resumed meanwhile would have two runs writing one run folder, so it waits for them first.
 """
 from __future__ import annotations
 
@@ -23,6 +27,59 @@ LIVE_JOB_STATES = {"RUNNING", "PENDING"}
 RESERVED_STATES = {"CREATED", "PENDING", "RESCHEDULING"}
 
 
+# The actors that write into a run's folder: a Tune function trial, a Train run's controller and its workers.
+RUN_ACTOR_CLASSES = {"ImplicitFunc", "TrainController", "RayTrainWorker"}
+
+
+def _job_status(jobs: list[dict]) -> dict:
+    return {job.get("job_id"): str(getattr(job.get("status"), "value", job.get("status"))).upper()
+            for job in jobs if job.get("job_id")}
+
+
+def actors_of_dead_jobs(actors: list[dict], jobs: list[dict]) -> list[str]:
+    """The ids of the :data:`RUN_ACTOR_CLASSES` ``actors`` still alive on behalf of a job that is no longer alive.
+
+    ``actors`` are State API records (``actor_id``, ``class_name``, ``state``, ``job_id``, ``is_detached``). Other
+    classes are left alone: a Serve replica's job is the long-gone one that deployed it. So is an actor whose job is
+    not listed (the listing may be truncated).
+    """
+    status = _job_status(jobs)
+    return [actor["actor_id"] for actor in actors
+            if actor.get("class_name") in RUN_ACTOR_CLASSES and actor.get("state") == "ALIVE"
+            and not actor.get("is_detached") and actor.get("job_id") in status
+            and status[actor["job_id"]] not in LIVE_JOB_STATES]
+
+
+def wait_for_dead_jobs_runs(timeout_s: float = 60.0, poll_s: float = 1.0) -> int:
+    """Wait until the trials and Train runs of killed drivers have ended (Ray ends them on its own, a moment
+    after the driver); returns how many were alive at first. Needs the State API; failures to query are logged
+    and end the wait, and after ``timeout_s`` the run goes ahead with a warning: this must never fail a run."""
+    from ray.util.state import list_actors, list_jobs
+
+    deadline, first = time.monotonic() + timeout_s, None
+    while True:
+        try:
+            actors = [a.__dict__ if not isinstance(a, dict) else a
+                      for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000,
+                                           raise_on_missing_output=False)]
+            jobs = [j.__dict__ if not isinstance(j, dict) else j
+                    for j in list_jobs(limit=10_000, raise_on_missing_output=False)]
+        except Exception as exc:  # the State API is best effort here
+            logger.warning("could not list actors to wait for a killed run's: %s", exc)
+            return first or 0
+        alive = actors_of_dead_jobs(actors, jobs)
+        if first is None:
+            first = len(alive)
+            if alive:
+                print(f"[genderid] waiting for {len(alive)} actor(s) of a killed run to end", flush=True)
+        if not alive:
+            return first
+        if time.monotonic() >= deadline:
+            logger.warning("%d actor(s) of a killed run still alive after %.0f s; going ahead", len(alive), timeout_s)
+            return first
+        time.sleep(poll_s)
+
+
 def orphaned_placement_groups(groups: list[dict], jobs: list[dict]) -> list[str]:
     """The ids of ``groups`` that hold or wait for resources on behalf of a job that is no longer alive.
 
@@ -30,8 +87,7 @@ def orphaned_placement_groups(groups: list[dict], jobs: list[dict]) -> list[str]
     ``is_detached``; ``job_id``, ``status``). A group whose creator job is not listed at all is left alone:
     the listing may be truncated, and guessing wrong would kill a live run.
     """
-    status = {job.get("job_id"): str(getattr(job.get("status"), "value", job.get("status"))).upper()
-              for job in jobs if job.get("job_id")}
+    status = _job_status(jobs)
     orphans = []
     for group in groups:
         creator = group.get("creator_job_id")

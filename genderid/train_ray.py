@@ -353,12 +353,13 @@ def _alive_node_hosts() -> set:
 
 def run_training(config: Config, hooks: Optional[TrainHooks] = None) -> dict:
     """Fit, write ``<storage.path>/<storage.name>/best.json`` for the best checkpoint Ray kept, and return it."""
+    from genderid.ray_cleanup import wait_for_dead_jobs_runs
     from genderid.ray_runtime import init_ray
-
     from genderid.tracking_ray import EpochTracker
 
     check_data_source(config)  # before Ray starts: bad input costs nothing
     init_ray()
+    wait_for_dead_jobs_runs()  # a killed earlier run of this name may still be writing into its folder
     run = runs.run_dir_of(config)
     history = runs.path(run, runs.HISTORY_FILE)
     tracker = tracking.open_tracker(config)

@@ -264,14 +264,16 @@ def run_sweep(config: Config, hooks: Optional[TrainHooks] = None) -> tuple[list[
     """
     import ray
 
-    from genderid.ray_cleanup import release_orphaned_placement_groups
+    from genderid.ray_cleanup import release_orphaned_placement_groups, wait_for_dead_jobs_runs
     from genderid.ray_runtime import init_ray
 
     check_data_source(config)
     sweep_dir = runs.run_dir_of(config)
     resuming = check_resume(config, sweep_dir)  # before Ray starts: a refused resume costs nothing
     init_ray()
-    # What a killed earlier run left reserved would make this one wait forever (see genderid.ray_cleanup).
+    # A killed earlier run's trials may still be writing into their folders, and what it left reserved would make
+    # this one wait forever (see genderid.ray_cleanup).
+    wait_for_dead_jobs_runs()
     release_orphaned_placement_groups()
     tracker = tracking.open_tracker(config)
     sweep_run = None

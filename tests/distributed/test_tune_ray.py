@@ -143,22 +143,6 @@ def registered_epochs(trial_run):
     return [r["metrics"]["epoch"] for r in snapshot.get("checkpoint_results", [])]
 
 
-def wait_until_the_trials_actors_end(cluster, timeout=120):
-    """A killed driver's trial actors run on in the cluster until Ray ends them, a moment later (CI once saw a
-    worker finish an epoch after the kill). A rerun that raced them would have two runs in one trial's folder,
-    which is a test of Ray's clean-up speed, not of the resume."""
-    deadline, alive = time.time() + timeout, None
-    while time.time() < deadline:
-        listed = cluster.ray_cli("list", "actors", "--address", cluster.dashboard_url, "--filter", "state=ALIVE",
-                                 "--format", "json", "--limit", "10000")
-        alive = [a["class_name"] for a in json.loads(listed.stdout)
-                 if a["class_name"] in ("ImplicitFunc", "TrainController", "RayTrainWorker")]
-        if not alive:
-            return
-        time.sleep(1)
-    raise AssertionError(f"the killed sweep's actors still run after {timeout} s: {alive}")
-
-
 def tune_finished_trials(sweep):
     """The trials that Tune's saved experiment state records as finished (what a resumed sweep will not rerun)."""
     states = sorted((sweep / "tune").glob("experiment_state-*.json"))
@@ -205,7 +189,6 @@ def test_a_killed_sweep_resumes_its_own_trials_from_their_checkpoints(local_clus
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert len(finished) == 1 and len(interrupted) == 1, histories
-    wait_until_the_trials_actors_end(local_cluster)
     [done], [cut] = finished, interrupted
     done_before = (trials / done / "history.json").read_text()
 

@@ -97,6 +97,22 @@ def test_orphaned_placement_groups_are_those_of_dead_jobs_only():
     assert orphaned_placement_groups(groups, jobs) == ["orphan", "pending-orphan"]
 
 
+def test_the_run_actors_waited_for_are_those_of_dead_jobs_only():
+    from genderid.ray_cleanup import actors_of_dead_jobs
+
+    jobs = [{"job_id": "01", "status": "RUNNING"}, {"job_id": "02", "status": "SUCCEEDED"},
+            {"job_id": "03", "status": "FAILED"}]
+
+    def actor(actor_id, class_name="RayTrainWorker", job_id="02", state="ALIVE", is_detached=False):
+        return {"actor_id": actor_id, "class_name": class_name, "job_id": job_id, "state": state,
+                "is_detached": is_detached}
+
+    actors = [actor("worker"), actor("controller", "TrainController", "03"), actor("trial", "ImplicitFunc"),
+              actor("live", job_id="01"), actor("dead", state="DEAD"), actor("detached", is_detached=True),
+              actor("replica", "ServeReplica:app:GenderClassifier"), actor("unknown-job", job_id="09")]
+    assert actors_of_dead_jobs(actors, jobs) == ["worker", "controller", "trial"]
+
+
 def test_a_local_storage_path_is_refused_on_nodes_of_several_hosts():
     pytest.importorskip("ray")
     from genderid.train_ray import check_shared_storage
