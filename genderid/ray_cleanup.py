@@ -31,6 +31,17 @@ RESERVED_STATES = {"CREATED", "PENDING", "RESCHEDULING"}
 RUN_ACTOR_CLASSES = {"ImplicitFunc", "TrainController", "RayTrainWorker"}
 
 
+def _records(listing) -> list[dict]:
+    """State API records as dicts (Ray hands out dataclasses or dicts depending on the call)."""
+    return [item if isinstance(item, dict) else item.__dict__ for item in listing]
+
+
+def _jobs() -> list[dict]:
+    from ray.util.state import list_jobs
+
+    return _records(list_jobs(limit=10_000, raise_on_missing_output=False))
+
+
 def _job_status(jobs: list[dict]) -> dict:
     return {job.get("job_id"): str(getattr(job.get("status"), "value", job.get("status"))).upper()
             for job in jobs if job.get("job_id")}
@@ -54,16 +65,14 @@ def wait_for_dead_jobs_runs(timeout_s: float = 60.0, poll_s: float = 1.0) -> int
     """Wait until the trials and Train runs of killed drivers have ended (Ray ends them on its own, a moment
     after the driver); returns how many were alive at first. Needs the State API; failures to query are logged
     and end the wait, and after ``timeout_s`` the run goes ahead with a warning: this must never fail a run."""
-    from ray.util.state import list_actors, list_jobs
+    from ray.util.state import list_actors
 
     deadline, first = time.monotonic() + timeout_s, None
     while True:
         try:
-            actors = [a.__dict__ if not isinstance(a, dict) else a
-                      for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000,
-                                           raise_on_missing_output=False)]
-            jobs = [j.__dict__ if not isinstance(j, dict) else j
-                    for j in list_jobs(limit=10_000, raise_on_missing_output=False)]
+            actors = _records(list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000,
+                                          raise_on_missing_output=False))
+            jobs = _jobs()
         except Exception as exc:  # the State API is best effort here
             logger.warning("could not list actors to wait for a killed run's: %s", exc)
             return first or 0
@@ -106,13 +115,11 @@ def release_orphaned_placement_groups() -> list[str]:
     """
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
-    from ray.util.state import list_jobs, list_placement_groups
+    from ray.util.state import list_placement_groups
 
     try:
-        groups = [g.__dict__ if not isinstance(g, dict) else g
-                  for g in list_placement_groups(detail=True, limit=10_000, raise_on_missing_output=False)]
-        jobs = [j.__dict__ if not isinstance(j, dict) else j
-                for j in list_jobs(limit=10_000, raise_on_missing_output=False)]
+        groups = _records(list_placement_groups(detail=True, limit=10_000, raise_on_missing_output=False))
+        jobs = _jobs()
     except Exception as exc:  # the State API is best effort here
         logger.warning("could not list placement groups to release orphans: %s", exc)
         return []

@@ -57,6 +57,16 @@ def run_dir_of(config) -> str:
     return run_dir(config.storage.path, config.storage.name)
 
 
+def trials_dir(sweep_dir: str) -> str:
+    """``<sweep>/trials``: where a sweep's trials run, each a train run named by its Tune trial id."""
+    return storage.join(sweep_dir, TRIALS_DIR)
+
+
+def trial_dir(sweep_dir: str, trial_id: str) -> str:
+    """``<sweep>/trials/<trial id>``: one trial's train run folder."""
+    return storage.join(trials_dir(sweep_dir), trial_id)
+
+
 def feature_cache_root(storage_path: str) -> str:
     """``<storage.path>/feature_cache``: where the feature caches of the runs under ``storage.path`` live."""
     return storage.join(storage_root(storage_path), FEATURE_CACHE_DIR)

@@ -38,7 +38,7 @@ class TrialTracker(MLflowLoggerCallback):
             tracking.log_epoch(self.tracker, self._trial_runs[trial], result, history=self._history(trial))
 
     def _history(self, trial) -> str:
-        return runs.path(self.sweep_dir, runs.TRIALS_DIR, trial.trial_id, runs.HISTORY_FILE)
+        return runs.path(runs.trial_dir(self.sweep_dir, trial.trial_id), runs.HISTORY_FILE)
 
 
 class EpochTracker(ray.train.UserCallback):

@@ -156,7 +156,7 @@ def summarise(grid, config: Config, sweep_dir: str) -> list[dict]:
         if frame is None or frame.empty or metric not in frame:
             rows.append({**row, "epochs_run": 0, "ended": "error" if result.error else "no report"})
             continue
-        trial_run = runs.path(sweep_dir, runs.TRIALS_DIR, trial_id)
+        trial_run = runs.trial_dir(sweep_dir, trial_id)
         epochs_run = int(frame["epoch"].max())
         try:
             checkpoint, meta = runs.best_kept_checkpoint(trial_run, metric, mode, last_epoch=epochs_run)
@@ -232,7 +232,7 @@ def build_tuner(config: Config, sweep_dir: str, resources: dict, hooks: Optional
 
     trials_at_once = concurrency(config, resources)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=config.to_dict(), trials_dir=runs.path(sweep_dir, runs.TRIALS_DIR),
+        tune.with_parameters(run_trial, base=config.to_dict(), trials_dir=runs.trials_dir(sweep_dir),
                              hooks=hooks, concurrent_trials=trials_at_once,
                              feature_cache_root=runs.feature_cache_root(config.storage.path)),
         {"CPU": TRIAL_DRIVER_CPU})
