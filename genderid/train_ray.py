@@ -354,7 +354,7 @@ def _alive_node_hosts() -> set:
 def run_training(config: Config, hooks: Optional[TrainHooks] = None) -> dict:
     """Fit, write ``<storage.path>/<storage.name>/best.json`` for the best checkpoint Ray kept, and return it."""
     from genderid.ray_cleanup import wait_for_dead_jobs_runs
-    from genderid.ray_runtime import init_ray
+    from genderid.ray_runtime import caller_signal_handlers, init_ray
     from genderid.tracking_ray import EpochTracker
 
     check_data_source(config)  # before Ray starts: bad input costs nothing
@@ -370,7 +370,8 @@ def run_training(config: Config, hooks: Optional[TrainHooks] = None) -> dict:
     failed = True
     try:
         callbacks = () if mlflow_run is None else (EpochTracker(tracker, mlflow_run, history),)
-        result = build_trainer(config, hooks, callbacks).fit()
+        with caller_signal_handlers():
+            result = build_trainer(config, hooks, callbacks).fit()
         if result.error is not None:
             raise result.error
         checkpoint, _ = runs.best_kept_checkpoint(run, config.train.checkpoint_metric, config.train.checkpoint_mode)

@@ -265,7 +265,7 @@ def run_sweep(config: Config, hooks: Optional[TrainHooks] = None) -> tuple[list[
     import ray
 
     from genderid.ray_cleanup import release_orphaned_placement_groups, wait_for_dead_jobs_runs
-    from genderid.ray_runtime import init_ray
+    from genderid.ray_runtime import caller_signal_handlers, init_ray
 
     check_data_source(config)
     sweep_dir = runs.run_dir_of(config)
@@ -297,7 +297,8 @@ def run_sweep(config: Config, hooks: Optional[TrainHooks] = None) -> tuple[list[
         print(f"[tune] resuming sweep {config.storage.name!r} from {sweep_dir}", flush=True)
     failed = True
     try:
-        with console.silence_prints():  # Tune's banner and status tables; the results table is printed after
+        # silence_prints: Tune's banner and status tables; the results table is printed after.
+        with console.silence_prints(), caller_signal_handlers():
             grid = tuner.fit()
         rows = summarise(grid, config, sweep_dir)
         best = write_results(rows, config, sweep_dir)

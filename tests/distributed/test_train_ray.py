@@ -1,5 +1,8 @@
 """Ray Train on the shared local cluster: tiny config, 2 CPU workers."""
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +88,27 @@ def test_the_ddp_check_catches_ranks_that_train_without_gradient_sync(prepared, 
     run_training(config, hooks=Hooks(RecordDigests(str(record)), WithoutDDP()))
     rank0, rank1 = digests(record, 1)
     assert rank0["parameters"] != rank1["parameters"]
+
+
+def test_after_a_run_ctrl_c_interrupts_the_caller_again_and_the_runs_controller_ends(ray_cluster, prepared, tmp_path):
+    """Ray Train 2.60's fit() leaves behind a Ctrl-C handler that holds the finished run's controller: the
+    controller stayed alive and the caller's next Ctrl-C (the demo serving after training) went to the gone run."""
+    handler = signal.getsignal(signal.SIGINT)
+    run_training(tiny(prepared, tmp_path, "sigint", "train.epochs=1"))
+    assert signal.getsignal(signal.SIGINT) is handler
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # Python runs the handler at its next check; it raises long before this ends
+
+    from ray.util.state import list_actors
+
+    job = ray_cluster.get_runtime_context().get_job_id()
+    deadline, alive = time.time() + 30, None
+    while alive != [] and time.time() < deadline:
+        time.sleep(0.5)
+        alive = [a.actor_id for a in list_actors(filters=[("class_name", "=", "TrainController"),
+                                                          ("state", "=", "ALIVE"), ("job_id", "=", job)])]
+    assert alive == []
 
 
 def test_early_stopping_follows_the_patience_rule(prepared, tmp_path):

@@ -124,7 +124,10 @@ def test_a_sweep_whose_val_accuracy_ties_names_a_checkpoint_that_exists(ray_clus
     config = load_config(named_config_path("tiny"), sweep_overrides(prepared, tmp_path, "ties") + [
         "tune.num_samples=1", "tune.max_epochs=3", "tune.grace_period=3", "train.keep_checkpoints=1"])
     assert config.tune.metric == "val_accuracy"
+    handler = signal.getsignal(signal.SIGINT)
     rows, best = run_sweep(config, hooks=NoTrainSteps())
+    # Also: Tune's fit() leaves its Ctrl-C handler behind (Ray 2.60); run_sweep gives the caller back its own.
+    assert signal.getsignal(signal.SIGINT) is handler
     trial = tmp_path / "sweeps" / "ties" / "trials" / rows[0]["trial_id"]
     history = json.loads((trial / "history.json").read_text())
     assert len(history) == 3 and len({h["val_accuracy"] for h in history}) == 1  # tied at every epoch
