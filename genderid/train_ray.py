@@ -76,6 +76,7 @@ def train_loop(loop_config: dict) -> None:
     """Per-worker loop: resume if a checkpoint exists, then train / validate / report / checkpoint each epoch."""
     config = config_from_dict(loop_config["config"])
     hooks: TrainHooks = loop_config.get("hooks") or TrainHooks()
+    run_label = f"{loop_config['label']} " if loop_config.get("label") else ""  # "trial <id> ": whose epoch line
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.train.seed + rank)
@@ -156,7 +157,7 @@ def train_loop(loop_config: dict) -> None:
             # The whole run's curve, beside best.json; checkpoints alone may not hold the last epochs (top-k).
             storage.write_bytes(runs.path(loop_config["run_dir"], runs.HISTORY_FILE),
                                 json.dumps(state["history"], indent=2).encode())
-            print(f"[train] epoch {epoch}/{config.train.epochs}: train loss {metrics['train_loss']:.4f}, "
+            print(f"[train] {run_label}epoch {epoch}/{config.train.epochs}: train loss {metrics['train_loss']:.4f}, "
                   f"val loss {metrics['val_loss']:.4f}, val accuracy {metrics['val_accuracy']:.4f}, "
                   f"{metrics['images_per_s']:.1f} images/s, {metrics['epoch_seconds']:.1f} s", flush=True)
         with tempfile.TemporaryDirectory() as directory:
@@ -229,7 +230,7 @@ def _epoch_metrics(epoch: int, start_epoch: int, train_parts: list, val_metrics:
 
 def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks: tuple = (),
                   progress_bars: Optional[bool] = None, concurrent_runs: int = 1,
-                  feature_cache_root: Optional[str] = None):
+                  feature_cache_root: Optional[str] = None, label: str = ""):
     """The TorchTrainer for ``config``: Ray Data splits, scaling, storage, top-k checkpoints, failure policy.
 
     ``progress_bars``: rank 0 draws a bar per epoch (default: where the driver's console is a terminal, see
@@ -237,6 +238,7 @@ def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks:
     ``concurrent_runs``: how many such runs share the cluster at once (a sweep's trials), for the thread budget.
     ``feature_cache_root``: where ``train.feature_cache`` finds or builds its caches (default: under
     ``storage.path``; a sweep's trials use the sweep's).
+    ``label``: names the run in its epoch lines (a sweep's trial: ``trial <id>``, as in the sweep's table).
     """
     from genderid import progress
 
@@ -254,7 +256,7 @@ def build_trainer(config: Config, hooks: Optional[TrainHooks] = None, callbacks:
                            "run_dir": runs.run_dir_of(config),
                            "progress": progress.enabled() if progress_bars is None else progress_bars,
                            "train_rows": train_rows, "concurrent_runs": concurrent_runs,
-                           "input_blocks": input_blocks},
+                           "input_blocks": input_blocks, "label": label},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=config.scaling.placement_strategy),

@@ -43,9 +43,11 @@ def trial_config(base: dict, params: dict, trials_dir: str, trial_id: str) -> Co
 def run_trial(params: dict, base: dict, trials_dir: str, hooks: Optional[TrainHooks] = None,
               concurrent_trials: int = 1, feature_cache_root: Optional[str] = None) -> None:
     """The Tune trainable: one Ray Train run (``hooks``: see :mod:`genderid.train_hooks`)."""
-    config = trial_config(base, params, trials_dir, tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    config = trial_config(base, params, trials_dir, trial_id)
     result = build_trainer(config, hooks=hooks, callbacks=(TuneReportCallback(),), progress_bars=False,
-                           concurrent_runs=concurrent_trials, feature_cache_root=feature_cache_root).fit()
+                           concurrent_runs=concurrent_trials, feature_cache_root=feature_cache_root,
+                           label=f"trial {trial_id}").fit()
     if result.error is not None:
         raise result.error
 

@@ -1,4 +1,5 @@
 """The quick start's `./run demo`, end to end with small settings, joined to the shared cluster."""
+import itertools
 import json
 import signal
 import subprocess
@@ -96,8 +97,13 @@ def test_the_demo_console_is_ours_not_rays(first_run):
     repeated = [a for a, b in zip(lines, lines[1:]) if a.strip() and a == b]
     assert repeated == []
     assert not [line for line in lines if "Traceback" in line or "ERROR" in line]
-    epochs = [line for line in lines if line.startswith("[train] epoch")]
-    assert len(epochs) == len(set(epochs)) >= 5  # every epoch line once (the final run's 5, and the sweep's)
+    epochs = [line for line in lines if line.startswith("[train] epoch")]  # the final run's
+    assert len(epochs) == len(set(epochs)) >= 1  # every epoch line once
+    # The sweep's epoch lines name their trial, as the sweep's table does.
+    table = lines.index(next(line for line in lines if line.startswith("trial_id | ")))
+    table_ids = {line.split(" | ")[0] for line in itertools.takewhile(lambda line: " | " in line, lines[table + 1:])}
+    trial_lines = [line for line in lines if line.startswith("[train] trial ")]
+    assert len(trial_lines) == len(set(trial_lines)) and {line.split()[2] for line in trial_lines} == table_ids
 
 
 def test_the_demo_tracks_its_sweep_and_final_run_in_mlflow(first_run):
@@ -133,10 +139,20 @@ def test_a_second_demo_is_a_fresh_run_an_interrupted_one_resumes_and_a_wrong_por
     second_id = next(i for i in run_ids(workdir) if i != first_id)
     assert f"stopped before the end; run {second_id} can be continued with --resume {second_id}" in output, output
     assert "shut down cleanly" in output, output
-    # Continued by name: the same folder, said so; the first run's results are untouched.
-    resumed = demo(local_cluster, workdir, port, "--resume", second_id, *TINY)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"[demo] resuming run {second_id}" in resumed.stdout, resumed.stdout[-2000:]
+    # Continued by name: the same folder, said so; the first run's results are untouched. It keeps serving until
+    # one Ctrl-C stops it (Ray's Tune and Train leave handlers behind that once took it: three presses were needed).
+    process = demo(local_cluster, workdir, port, "--resume", second_id, "--keep-serving", *TINY,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "Ctrl-C stops it" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=60)
+    output = "".join(seen) + rest
+    assert process.returncode == 0 and "shut down cleanly" in output, output[-3000:]
+    assert f"[demo] resuming run {second_id}" in output, output[-2000:]
     assert run_ids(workdir) == sorted([first_id, second_id])
     summary = json.loads((workdir / second_id / "summary.json").read_text())
     assert summary["run_id"] == second_id and summary["outputs"]["run"] == str(workdir / second_id)
