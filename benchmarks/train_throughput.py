@@ -3,12 +3,13 @@
 Part 1: images/s of Ray Train with 1 and 2 workers against a plain single-process PyTorch loop over the same
         prepared data and the same model (decode included on both sides). The plain loop uses torch's default
         threads (all cores); Ray Train workers get the same cores' worth through ``scaling.torch_threads: 0``.
-        Then decode + preprocess alone: Ray Data (as training reads it) against a torch DataLoader with 2 worker
-        processes running the same decode function.
+        Then decode + preprocess alone: Ray Data (as training reads it), and plain Ray tasks (Ray's floor under
+        Ray Data), against a torch DataLoader with 2 worker processes running the same decode function.
 Part 2: one SGD step's time for unfreeze depth 0..5 with real-width VGG16 at 178x218 (pure PyTorch).
 
     python benchmarks/train_throughput.py [--images 1200] [--size 64] [--width 0.25] [--epochs 2] [--steps 2]
     python benchmarks/train_throughput.py --data /path/to/prepared --size 80x64 --steps 0   # real photos
+    python benchmarks/train_throughput.py --data /path/to/prepared --size 80x64 --decode-only
 
 Prints a Markdown section to paste into benchmarks/RESULTS.md.
 """
@@ -108,6 +109,37 @@ def ray_data_images_per_s(config, preprocessing, passes: int = 2) -> float:
     return images / (time.perf_counter() - started)
 
 
+def ray_tasks_images_per_s(source: str, preprocessing, in_flight: int, passes: int = 2) -> float:
+    """Ray's own floor under Ray Data: the DataLoader's chunks (in the object store first) decoded by the same
+    function in plain Ray tasks of 0.25 CPU, ``in_flight`` at a time, the decoded arrays fetched by this process
+    (as a DataLoader's main process receives them). No Ray Data operators, budgets or iterators."""
+    import ray
+
+    from genderid.batches import to_model_batch
+
+    @ray.remote(num_cpus=0.25)
+    def decode(chunk, seed):
+        batch = to_model_batch(chunk, preprocessing, np.random.default_rng(seed))
+        return batch["image"], batch["male"]
+
+    chunks = [ray.put(chunk) for chunk in decode_rows(source)]
+
+    def one_pass() -> int:
+        images, pending = 0, []
+        for seed, chunk in enumerate(chunks):
+            pending.append(decode.remote(chunk, seed))
+            if len(pending) >= in_flight:
+                done, pending = ray.wait(pending, num_returns=1)
+                images += len(ray.get(done[0])[1])
+        return images + sum(len(male) for _, male in ray.get(pending))
+
+    one_pass()  # warm-up: worker processes started, imports done
+    started, images = time.perf_counter(), 0
+    for _ in range(passes):
+        images += one_pass()
+    return images / (time.perf_counter() - started)
+
+
 def ray_train_images_per_s(config, workers: int, storage: str) -> float:
     """Ray Train's own per-epoch images/s (all workers), the mean over epochs after the first."""
     import json
@@ -163,6 +195,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per unfreeze depth (0: skip that part)")
     parser.add_argument("--batch", type=int, default=8, help="batch of the depth sweep")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode table (no training)")
     args = parser.parse_args()
 
     from genderid.config import load_config, named_config_path
@@ -184,13 +217,15 @@ def main() -> None:
     from genderid.preprocess import Preprocessing
     from genderid.ray_runtime import init_ray
 
-    plain = plain_loop_images_per_s(config, source)
-    ray_rows = [(w, ray_train_images_per_s(config, w, os.path.join(work, "runs"))) for w in (1, 2)]
+    if not args.decode_only:
+        plain = plain_loop_images_per_s(config, source)
+        ray_rows = [(w, ray_train_images_per_s(config, w, os.path.join(work, "runs"))) for w in (1, 2)]
     preprocessing = Preprocessing.for_data(config.data)
     loader = dataloader_images_per_s(source, preprocessing)
     init_ray()
     ray_data = ray_data_images_per_s(config, preprocessing)
-    depth_rows = [] if args.steps == 0 else depth_step_times(args.steps, args.batch)
+    task_rows = [(n, ray_tasks_images_per_s(source, preprocessing, n)) for n in (1, 2, 3)]
+    depth_rows = [] if args.steps == 0 or args.decode_only else depth_step_times(args.steps, args.batch)
 
     print(f"\n## Training throughput ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
@@ -200,18 +235,22 @@ def main() -> None:
     print(f"{'Prepared data ' + source if args.data else 'Synthetic data'}, {rows} train images, input "
           f"{height}x{width}, VGG16 width {args.width} with BatchNorm, batch 32 per worker, {args.epochs} timed "
           "epochs after one warm-up.\n")
-    print("| loop | images/s | vs plain PyTorch |\n| --- | --- | --- |")
-    print(f"| plain PyTorch, 1 process | {plain:.1f} | 1.00 |")
-    for workers, value in ray_rows:
-        threads = max(1, (os.cpu_count() or 1) // workers)  # scaling.torch_threads 0: genderid.train_ray.worker_threads
-        print(f"| Ray Train, {workers} worker(s) x {1 / workers:.2g} CPU, {threads} torch thread(s) each | "
-              f"{value:.1f} | {value / plain:.2f} (epoch time {plain / value:.2f}x) |")
+    if not args.decode_only:
+        print("| loop | images/s | vs plain PyTorch |\n| --- | --- | --- |")
+        print(f"| plain PyTorch, 1 process | {plain:.1f} | 1.00 |")
+        for workers, value in ray_rows:
+            threads = max(1, (os.cpu_count() or 1) // workers)  # torch_threads 0: genderid.train_ray.worker_threads
+            print(f"| Ray Train, {workers} worker(s) x {1 / workers:.2g} CPU, {threads} torch thread(s) each | "
+                  f"{value:.1f} | {value / plain:.2f} (epoch time {plain / value:.2f}x) |")
     print("\nDecode + preprocess + augment of the train split alone (no training), 2 CPUs, batches of 32:\n")
     print("| reader | images/s | vs DataLoader |\n| --- | --- | --- |")
     print(f"| torch DataLoader, 2 worker processes, the same decode function | {loader:.1f} | 1.00 |")
     tasks = config.data.decode_tasks or "any number of"
     print(f"| Ray Data (`genderid.ray_data.load_split`, as training reads it: at most {tasks} tasks of "
           f"{config.data.cpus_per_decode_task} CPU) | {ray_data:.1f} | {ray_data / loader:.2f} |")
+    for in_flight, value in task_rows:
+        print(f"| plain Ray tasks, the same chunks and function, {in_flight} in flight (no Ray Data) | {value:.1f} | "
+              f"{value / loader:.2f} |")
     if not depth_rows:
         return
     print(f"\nReal-width VGG16, 178x218, batch {args.batch}, Adam, mean of {args.steps} steps after a warm-up:\n")
