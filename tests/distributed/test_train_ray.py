@@ -93,12 +93,17 @@ def test_the_ddp_check_catches_ranks_that_train_without_gradient_sync(prepared, 
 def test_after_a_run_ctrl_c_interrupts_the_caller_again_and_the_runs_controller_ends(ray_cluster, prepared, tmp_path):
     """Ray Train 2.60's fit() leaves behind a Ctrl-C handler that holds the finished run's controller: the
     controller stayed alive and the caller's next Ctrl-C (the demo serving after training) went to the gone run."""
-    handler = signal.getsignal(signal.SIGINT)
-    run_training(tiny(prepared, tmp_path, "sigint", "train.epochs=1"))
-    assert signal.getsignal(signal.SIGINT) is handler
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)  # Python runs the handler at its next check; it raises long before this ends
+    # Python's own Ctrl-C handler, as in a terminal: a test session started in the background inherits SIGINT
+    # as "ignored", and then nothing would raise.
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run_training(tiny(prepared, tmp_path, "sigint", "train.epochs=1"))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # Python runs the handler at its next check; it raises long before this ends
+    finally:
+        signal.signal(signal.SIGINT, started_with)
 
     from ray.util.state import list_actors
 
