@@ -143,9 +143,9 @@ def run_demo(workdir: str = DEFAULT_WORKDIR, celeba: Optional[str] = None, n: in
         finished = True
         if keep_serving:
             url = summary["endpoint"]
-            print(f"[demo] serving at {url}: open {url}/ in a browser to try your own photos (POST /predict, "
-                  f"POST /faces, GET /healthz, GET /metadata); Ctrl-C stops it", flush=True)
-            try:
+            try:  # the message inside: a Ctrl-C from the moment it shows is a clean stop, not an interruption
+                print(f"[demo] serving at {url}: open {url}/ in a browser to try your own photos (POST /predict, "
+                      f"POST /faces, GET /healthz, GET /metadata); Ctrl-C stops it", flush=True)
                 while True:
                     time.sleep(3600)
             except KeyboardInterrupt:
