@@ -149,7 +149,7 @@ def test_a_second_demo_is_a_fresh_run_an_interrupted_one_resumes_and_a_wrong_por
         if "Ctrl-C stops it" in line:
             break
     process.send_signal(signal.SIGINT)
-    rest, _ = process.communicate(timeout=60)
+    rest, _ = process.communicate(timeout=120)  # ~10 s on a quiet machine: Serve's shutdown
     output = "".join(seen) + rest
     assert process.returncode == 0 and "shut down cleanly" in output, output[-3000:]
     assert f"[demo] resuming run {second_id}" in output, output[-2000:]
