@@ -109,20 +109,21 @@ def ray_data_images_per_s(config, preprocessing, passes: int = 2) -> float:
     return images / (time.perf_counter() - started)
 
 
-def ray_tasks_images_per_s(source: str, preprocessing, in_flight: int, passes: int = 2) -> float:
+def ray_tasks_images_per_s(config, preprocessing, in_flight: int, passes: int = 2) -> float:
     """Ray's own floor under Ray Data: the DataLoader's chunks (in the object store first) decoded by the same
-    function in plain Ray tasks of 0.25 CPU, ``in_flight`` at a time, the decoded arrays fetched by this process
-    (as a DataLoader's main process receives them). No Ray Data operators, budgets or iterators."""
+    function in plain Ray tasks of Ray Data's CPU per decode task, ``in_flight`` at a time, the decoded arrays
+    fetched by this process (as a DataLoader's main process receives them). No Ray Data operators, budgets or
+    iterators."""
     import ray
 
     from genderid.batches import to_model_batch
 
-    @ray.remote(num_cpus=0.25)
+    @ray.remote(num_cpus=config.data.cpus_per_decode_task)
     def decode(chunk, seed):
         batch = to_model_batch(chunk, preprocessing, np.random.default_rng(seed))
         return batch["image"], batch["male"]
 
-    chunks = [ray.put(chunk) for chunk in decode_rows(source)]
+    chunks = [ray.put(chunk) for chunk in decode_rows(config.data.source)]
 
     def one_pass() -> int:
         images, pending = 0, []
@@ -224,7 +225,7 @@ def main() -> None:
     loader = dataloader_images_per_s(source, preprocessing)
     init_ray()
     ray_data = ray_data_images_per_s(config, preprocessing)
-    task_rows = [(n, ray_tasks_images_per_s(source, preprocessing, n)) for n in (1, 2, 3)]
+    task_rows = [(n, ray_tasks_images_per_s(config, preprocessing, n)) for n in (1, 2, 3)]
     depth_rows = [] if args.steps == 0 or args.decode_only else depth_step_times(args.steps, args.batch)
 
     print(f"\n## Training throughput ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
