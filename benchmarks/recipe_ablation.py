@@ -44,6 +44,7 @@ VARIANTS = {
     "epochs": ["train.epochs=12"],
     "mixup": ["train.mixup=0.2"],
     "erase": ["data.erase=0.5"],
+    "blur": ["data.blur=0.3"],
 }
 # The variant with a weight average also scores the raw weights and these other decays of the same trajectory
 # (averaging does not change training, so one run compares them all).

@@ -34,6 +34,7 @@ class DataConfig:
     augment: bool = True  # horizontal flip + mild random resized crop on the train split only
     jitter: float = 0.0  # with augment: random brightness and contrast factors in [1 - jitter, 1 + jitter]
     erase: float = 0.0  # with augment: the chance of erasing one random rectangle of a train image
+    blur: float = 0.0  # with augment: the chance of blurring a train image or lowering its resolution
     cpus_per_decode_task: float = 0.25  # Ray Data CPU per decode/preprocess task (fractional: see RAY_NOTES)
     # Most decode tasks running at once (0: as many as the CPUs allow). Ray keeps about one idle worker process
     # per CPU of a node and ends the rest: more concurrent tasks than that start new processes in every epoch.
@@ -50,6 +51,10 @@ class DataConfig:
             raise ConfigError(f"data.erase: must be in [0, 1], got {self.erase}")
         if self.erase and not self.augment:
             raise ConfigError("data.erase: is train augmentation; it needs data.augment true")
+        if not 0 <= self.blur <= 1:
+            raise ConfigError(f"data.blur: must be in [0, 1], got {self.blur}")
+        if self.blur and not self.augment:
+            raise ConfigError("data.blur: is train augmentation; it needs data.augment true")
         if self.cpus_per_decode_task <= 0:
             raise ConfigError(f"data.cpus_per_decode_task: must be > 0, got {self.cpus_per_decode_task}")
         if self.decode_tasks < 0:

@@ -19,7 +19,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 MAX_SEVERITY = 3
 
 
-def _blur(img: Image.Image, level: float, rng: np.random.Generator) -> Image.Image:
+def gaussian_blur(img: Image.Image, level: float, rng: np.random.Generator) -> Image.Image:
+    """A Gaussian blur of radius ``level`` % of the shorter side (train augmentation softens images with it too)."""
     return img.filter(ImageFilter.GaussianBlur(radius=level * min(img.size) / 100.0))
 
 
@@ -55,7 +56,8 @@ def _shift(img: Image.Image, fraction: float, rng: np.random.Generator) -> Image
                          fillcolor=(0, 0, 0))
 
 
-def _downscale(img: Image.Image, factor: float, rng: np.random.Generator) -> Image.Image:
+def downscale(img: Image.Image, factor: float, rng: np.random.Generator) -> Image.Image:
+    """``img`` shrunk ``factor`` times and scaled back up: a low-resolution face at the same size."""
     small = img.resize((max(1, round(img.width / factor)), max(1, round(img.height / factor))), Image.BOX)
     return small.resize(img.size, Image.BILINEAR)
 
@@ -76,14 +78,14 @@ class Corruption:
 
 
 CORRUPTIONS = (
-    Corruption("gaussian_blur", "radius, % of the shorter side", (0.5, 1.0, 2.0), _blur),
+    Corruption("gaussian_blur", "radius, % of the shorter side", (0.5, 1.0, 2.0), gaussian_blur),
     Corruption("jpeg", "JPEG quality", (30, 15, 7), _jpeg),
     Corruption("brightness", "brightness factor", (0.6, 0.4, 0.25), _brightness),
     Corruption("contrast", "contrast factor", (0.6, 0.4, 0.25), _contrast),
     Corruption("gaussian_noise", "noise sigma, of 255", (8, 16, 32), _noise),
     Corruption("rotation", "degrees, either way", (5, 10, 20), _rotate),
     Corruption("shift", "fraction of the size, any direction", (0.03, 0.06, 0.12), _shift),
-    Corruption("downscale", "downscale factor (then back up)", (2, 3, 4), _downscale),
+    Corruption("downscale", "downscale factor (then back up)", (2, 3, 4), downscale),
     Corruption("grayscale", "share of grey", (0.33, 0.67, 1.0), _grayscale),
 )
 BY_NAME = {c.name: c for c in CORRUPTIONS}

@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from genderid import corruptions
 from genderid.errors import UserError
 from genderid.faces import FaceFrontEnd, FaceSettings, frame_size
 
@@ -124,12 +125,17 @@ class Preprocessing:
     # train augmentation: the chance of random erasing (Zhong et al. 2020): one rectangle of 2-20% of the image,
     # filled with the mean colour, standing in for hats, glasses and hands over a face. 0 draws nothing.
     erase: float = 0.0
+    # train augmentation: the chance of softening a train image, half the time by a Gaussian blur of 0.5-2.5% of its
+    # shorter side, half the time by shrinking it 2-4x and back (blurry and low-resolution photos; the robustness
+    # report's own corruptions). 0 draws nothing.
+    blur: float = 0.0
     faces: FaceSettings = FaceSettings()  # how photos become aligned crops (POST /faces, prepare --align)
 
     @classmethod
     def for_data(cls, data) -> "Preprocessing":
         """The preprocessing of a run's ``data`` config (:class:`genderid.config.DataConfig`)."""
-        return cls(image_size=tuple(data.image_size), jitter=data.jitter, erase=data.erase)
+        return cls(image_size=tuple(data.image_size), jitter=data.jitter, erase=data.erase,
+                   blur=data.blur)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -167,6 +173,8 @@ class Preprocessing:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter!r}")
         if not (isinstance(self.erase, (int, float)) and not isinstance(self.erase, bool) and 0 <= self.erase <= 1):
             raise ValueError(f"erase must be in [0, 1], got {self.erase!r}")
+        if not (isinstance(self.blur, (int, float)) and not isinstance(self.blur, bool) and 0 <= self.blur <= 1):
+            raise ValueError(f"blur must be in [0, 1], got {self.blur!r}")
         self.faces.validate()
         return self
 
@@ -202,6 +210,8 @@ class Preprocessing:
                           rng)
         if rng is not None and rng.random() < self.flip_prob:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if rng is not None and self.blur > 0 and rng.random() < self.blur:
+            img = self._soften(img, rng)
         array = np.asarray(img, dtype=np.float32) / 255.0
         if rng is not None and self.jitter > 0:
             array = self._jitter(array, rng)
@@ -217,6 +227,13 @@ class Preprocessing:
         grey = np.float32(array.mean())
         array = (array - grey) * np.float32(contrast) + grey
         return np.clip(array, 0.0, 1.0, out=array)
+
+    @staticmethod
+    def _soften(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """A blurred or a low-resolution version of ``img``, at its size (one of the two, equally likely)."""
+        if rng.random() < 0.5:
+            return corruptions.gaussian_blur(img, rng.uniform(0.5, 2.5), rng)
+        return corruptions.downscale(img, rng.uniform(2.0, 4.0), rng)
 
     def _erase(self, array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One rectangle of an HWC array in [0, 1] set to the mean colour (zero once normalised), in place."""

@@ -203,6 +203,46 @@ def test_erase_blanks_one_rectangle_of_train_images_only():
     assert 0.35 < np.mean(blanked) < 0.65
 
 
+def test_blur_softens_train_images_only_keeping_their_colours():
+    plain, softening = Preprocessing(image_size=(32, 32)), Preprocessing(image_size=(32, 32), blur=1.0)
+    image = photo()
+    assert np.array_equal(plain(image), softening(image))  # evaluation is unaffected
+    # blur 0 draws nothing: old recipes' images are unchanged.
+    assert np.array_equal(plain(image, np.random.default_rng(3)),
+                          Preprocessing(image_size=(32, 32), blur=0.0)(image, np.random.default_rng(3)))
+
+    def detail(array):  # mean absolute difference between horizontal neighbours
+        return float(np.abs(np.diff(array, axis=2)).mean())
+
+    kept = []
+    for seed in range(20):
+        a, b = plain(image, np.random.default_rng(seed)), softening(image, np.random.default_rng(seed))
+        assert b.shape == a.shape and b.dtype == np.float32
+        assert np.array_equal(b, softening(image, np.random.default_rng(seed)))  # deterministic per random stream
+        assert detail(b) < detail(a)  # blurred or lower resolution: less pixel-to-pixel detail
+        kept.append(detail(b) / detail(a))
+        assert np.allclose(b.mean(axis=(1, 2)), a.mean(axis=(1, 2)), atol=0.05)  # the same colours
+    assert np.mean(kept) < 0.7  # (the mildest blur, 0.5% of 32 pixels, is barely one)
+    # Half the images, over many draws, at blur 0.5.
+    half = Preprocessing(image_size=(32, 32), blur=0.5)
+    softened = [not np.array_equal(half(image, np.random.default_rng(s)), plain(image, np.random.default_rng(s)))
+                for s in range(200)]
+    assert 0.35 < np.mean(softened) < 0.65
+
+
+def test_blur_is_validated_in_configs_and_checkpoints():
+    with pytest.raises(ValueError, match="blur"):
+        Preprocessing(blur=-0.1).validate()
+    old = Preprocessing(image_size=(32, 32)).to_dict()
+    del old["blur"]  # a checkpoint written before softening existed
+    assert Preprocessing.from_dict(old).blur == 0.0
+    config = load_config(named_config_path("tiny"), ["data.blur=0.3"])
+    assert Preprocessing.for_data(config.data).blur == 0.3
+    for override, key in (("data.blur=1.5", "data.blur"), ("data.augment=false", "data.blur.*needs data.augment")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(named_config_path("tiny"), ["data.blur=0.2", override])
+
+
 def test_mixup_and_erase_are_validated_in_configs_and_checkpoints():
     with pytest.raises(ValueError, match="erase"):
         Preprocessing(erase=1.5).validate()
