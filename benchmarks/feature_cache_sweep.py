@@ -8,8 +8,11 @@ sweeps run every trial to the end and do the same training work.
 
     python benchmarks/feature_cache_sweep.py --checkpoint runs/cpu/best.json --data /tmp/celeba-subset-parquet \
         [--samples 12] [--epochs 2] [--config cpu]
+    python benchmarks/feature_cache_sweep.py --floor-only --data /tmp/celeba-subset-parquet --config celeba-vgg16 \
+        [--mix 5,2,5]     # the compute floor alone, for trials at depths 0, 1, 2 in these numbers; no sweep
 
-Prints a Markdown section to paste into benchmarks/RESULTS.md.
+Prints a Markdown section to paste into benchmarks/RESULTS.md, with the sweep's compute floor: the ratio the cache
+would reach if a trial cost nothing but its training FLOPs (``genderid.model.step_flops``) for the trials that ran.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from genderid import runs  # noqa: E402
 from genderid.checkpoint import WEIGHTS_FILE, resolve_location  # noqa: E402
+from genderid.config import config_location, load_config  # noqa: E402
+from genderid.model import NUM_BLOCKS, GenderNet, step_flops  # noqa: E402
+from genderid.shards import read_manifest  # noqa: E402
 
 
 def sweep(storage: Path, overrides: list[str], config: str) -> tuple[float, list[dict]]:
@@ -40,15 +46,53 @@ def sweep(storage: Path, overrides: list[str], config: str) -> tuple[float, list
         return seconds, list(csv.DictReader(handle))
 
 
+def epoch_flops(model: GenderNet, image_size: tuple[int, int], counts: dict) -> float:
+    """Training FLOPs of one epoch: a train step per train image and a forward per val image."""
+    return (counts["train"]["total"] * step_flops(model, image_size)
+            + counts["val"]["total"] * step_flops(model, image_size, backward=False))
+
+
+def compute_floor(config, depths: list[int], counts: dict) -> float:
+    """The cached sweep's FLOPs over the plain sweep's, for trials of these unfreeze depths: the ratio left if
+    process starts, data reading and checkpoints cost nothing and a FLOP took the same time in every layer."""
+    cached = plain = 0.0
+    for depth in depths:
+        model = GenderNet(config.model, unfreeze_depth=depth)
+        plain += epoch_flops(model, config.data.image_size, counts)
+        model.set_input_blocks(NUM_BLOCKS - depth)
+        cached += epoch_flops(model, config.data.image_size, counts)
+    return cached / plain
+
+
+def print_floor(config, counts: dict, mix: list[int]) -> None:
+    """The compute floor per unfreeze depth, and for a sweep of ``mix[d]`` trials at depth ``d``."""
+    height, width = config.data.image_size
+    print(f"Compute floor, model width {config.model.width} ({'vgg16_bn' if config.model.batch_norm else 'vgg16'}) "
+          f"at {height}x{width}, {counts['train']['total']} train and {counts['val']['total']} val images an epoch:\n")
+    print("| trials | cached / plain training FLOPs |\n| --- | --- |")
+    for depth in range(len(mix)):
+        print(f"| one at depth {depth} | {compute_floor(config, [depth], counts):.3f} |")
+    depths = [depth for depth, trials in enumerate(mix) for _ in range(trials)]
+    print(f"| {' + '.join(f'{n} at depth {d}' for d, n in enumerate(mix))} | "
+          f"**{compute_floor(config, depths, counts):.3f}** |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint or best.json whose weights stand in for "
-                        "pretrained ones")
+    parser.add_argument("--checkpoint", help="checkpoint or best.json whose weights stand in for pretrained ones")
     parser.add_argument("--data", required=True, help="prepared data set (genderid prepare)")
     parser.add_argument("--config", default="cpu", help="named config or YAML of the sweep (default: cpu)")
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--floor-only", action="store_true", help="print the compute floor alone; run no sweep")
+    parser.add_argument("--mix", default="4,4,4", help="with --floor-only: trials at unfreeze depth 0,1,2")
     args = parser.parse_args()
+    if args.floor_only:
+        print_floor(load_config(config_location(args.config)), read_manifest(args.data)["counts"],
+                    [int(n) for n in args.mix.split(",")])
+        return
+    if not args.checkpoint:
+        parser.error("--checkpoint is needed to run the sweeps")
 
     weights = runs.path(resolve_location(args.checkpoint), WEIGHTS_FILE)
     overrides = [f"data.source={args.data}", f"model.weights={weights}", "data.augment=false",
@@ -71,6 +115,12 @@ def main() -> None:
     for side, (seconds, rows) in results.items():
         best = max(float(r["best_val_accuracy"]) for r in rows if r.get("best_val_accuracy"))
         print(f"| {side} | {seconds:.1f} | {seconds / base_seconds:.2f} | {best:.4f} | {len(rows)} |")
+    config = load_config(config_location(args.config), overrides)
+    depths = [int(r["config/unfreeze_depth"]) for r in base_rows]
+    mix = ", ".join(f"{depths.count(d)} at depth {d}" for d in sorted(set(depths)))
+    floor = compute_floor(config, depths, read_manifest(args.data)["counts"])
+    print(f"\nCompute floor for these trials ({mix}): **{floor:.2f}** (the cached sweep's training FLOPs over the "
+          "baseline's: its ratio if nothing but FLOPs took time)")
     print("\nPer trial (same seeded parameters on both sides):\n")
     print("| lr | unfreeze depth | val accuracy with | without |")
     print("| --- | --- | --- | --- |")

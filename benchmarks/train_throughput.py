@@ -161,7 +161,7 @@ def ray_train_images_per_s(config, workers: int, storage: str) -> float:
 def depth_step_times(steps: int, batch: int) -> list[tuple[int, float, float]]:
     """(depth, seconds per step, achieved GFLOP/s) for real-width VGG16 at 178x218."""
     from genderid import engine
-    from genderid.model import GenderNet, flops_per_image
+    from genderid.model import GenderNet, step_flops
 
     rows = []
     images = torch.randn(batch, 3, 218, 178)
@@ -173,9 +173,7 @@ def depth_step_times(steps: int, batch: int) -> list[tuple[int, float, float]]:
         engine.train_one_epoch(model, data[:1], optimizer)  # warm-up step
         stats = engine.train_one_epoch(model, data[1:], optimizer)
         seconds = stats["seconds"] / steps
-        # Forward over everything + backward (2x forward) over the trained part: a rough FLOP count.
-        forward = flops_per_image(model, (218, 178)) * batch
-        rows.append((depth, seconds, forward * (1 + 2 * depth / 5) / seconds / 1e9))
+        rows.append((depth, seconds, step_flops(model, (218, 178)) * batch / seconds / 1e9))
     return rows
 
 

@@ -183,16 +183,41 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def flops_per_image(model: GenderNet, image_size: tuple[int, int]) -> float:
-    """Multiply-adds x 2 of one forward pass (convolutions and linear layers), for throughput reports."""
-    total = 0.0
+def layer_flops(model: GenderNet, image_size: tuple[int, int]) -> list[tuple[int, float]]:
+    """``(block, FLOPs)`` of one image's forward pass through each convolution and linear layer, in order.
+
+    FLOPs are 2 x multiply-adds; ``block`` is the conv block (0-4) a convolution belongs to, ``NUM_BLOCKS`` for the
+    head's linear layers. Pooling, BatchNorm and activations are left out (a few percent of VGG16's work).
+    """
+    layers = []
     height, width = image_size
-    for layer in model.features:
-        if isinstance(layer, nn.Conv2d):
-            total += 2.0 * layer.in_channels * layer.out_channels * 9 * height * width
-        elif isinstance(layer, nn.MaxPool2d):
-            height, width = height // 2, width // 2
-    for layer in model.head:
-        if isinstance(layer, nn.Linear):
-            total += 2.0 * layer.in_features * layer.out_features
+    for block in range(NUM_BLOCKS):
+        for layer in model.block(block):
+            if isinstance(layer, nn.Conv2d):
+                layers.append((block, 2.0 * layer.in_channels * layer.out_channels * 9 * height * width))
+            elif isinstance(layer, nn.MaxPool2d):
+                height, width = height // 2, width // 2
+    layers += [(NUM_BLOCKS, 2.0 * layer.in_features * layer.out_features)
+               for layer in model.head if isinstance(layer, nn.Linear)]
+    return layers
+
+
+def flops_per_image(model: GenderNet, image_size: tuple[int, int]) -> float:
+    """FLOPs (2 x multiply-adds) of one image's whole forward pass, convolutions and linear layers."""
+    return sum(flops for _, flops in layer_flops(model, image_size))
+
+
+def step_flops(model: GenderNet, image_size: tuple[int, int], backward: bool = True) -> float:
+    """FLOPs per image of one step as the model now stands: the forward from where its input enters
+    (:meth:`GenderNet.set_input_blocks`) and, with ``backward``, the backward through the layers that train.
+
+    A trained layer's backward costs twice its forward (gradients of its weights and of its input), except the
+    first one, whose input needs no gradient (an image, or a frozen block's output computed under ``no_grad``).
+    This is the work a frozen-prefix cache can remove: the forward of the blocks before ``input_blocks``.
+    """
+    layers = [(block, flops) for block, flops in layer_flops(model, image_size) if block >= model.input_blocks]
+    total = sum(flops for _, flops in layers)
+    if backward:
+        trained = [flops for block, flops in layers if block >= model.frozen_blocks]
+        total += 2 * sum(trained) - trained[0]
     return total

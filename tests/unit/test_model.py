@@ -5,7 +5,8 @@ import torch
 from torchvision.models import vgg16
 
 from genderid.config import ModelConfig
-from genderid.model import NUM_BLOCKS, GenderNet, WeightsUnavailableError, build_model, load_backbone_weights
+from genderid.model import (NUM_BLOCKS, GenderNet, WeightsUnavailableError, build_model, flops_per_image,
+                            load_backbone_weights, step_flops)
 
 
 @pytest.mark.parametrize("depth", range(NUM_BLOCKS + 1))
@@ -45,6 +46,41 @@ def test_real_width_is_torchvision_vgg16():
     reference = vgg16(weights=None).features.state_dict()
     assert {k: v.shape for k, v in model.features.state_dict().items()} == {k: v.shape for k, v in reference.items()}
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+
+
+def counted_step_flops(model: GenderNet, inputs: torch.Tensor, backward: bool) -> float:
+    """FLOPs per image of one step as torch's own counter sees the kernels that run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train(backward)
+    with FlopCounterMode(display=False) as counter:
+        logits = model(inputs)
+        if backward:
+            logits.sum().backward()
+    return counter.get_total_flops() / len(inputs)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("depth", [0, 1, 2, 5])
+def test_step_flops_are_what_torch_counts_with_and_without_the_frozen_prefix(depth, batch_norm):
+    model = GenderNet(width=0.0625, batch_norm=batch_norm, unfreeze_depth=depth)
+    images = torch.randn(3, 3, 48, 40)
+    assert step_flops(model, (48, 40), backward=False) == flops_per_image(model, (48, 40))
+    on_images = step_flops(model, (48, 40))
+    assert on_images == counted_step_flops(model, images, backward=True)
+    # The cache's input: the frozen prefix's outputs. A step on them skips that prefix's forward, and only that.
+    with torch.no_grad():
+        cached = model.eval().features[:model.block_bounds[model.frozen_blocks]](images)
+    model.set_input_blocks(model.frozen_blocks)
+    assert step_flops(model, (48, 40)) == counted_step_flops(model, cached, backward=True)
+    assert step_flops(model, (48, 40), backward=False) == counted_step_flops(model, cached, backward=False)
+    assert (step_flops(model, (48, 40)) < on_images) == (depth < NUM_BLOCKS)
+
+
+def test_vgg16_forward_is_its_published_count_at_224():
+    # torchvision's VGG16: 15.47 G multiply-adds, of which its classifier's three linear layers are 0.12 G; this head
+    # adds a few thousand. FLOPs here are 2 x multiply-adds.
+    assert 2 * 15.34e9 < flops_per_image(GenderNet(width=1.0), (224, 224)) < 2 * 15.36e9
 
 
 def test_weights_from_a_file(tmp_path):
