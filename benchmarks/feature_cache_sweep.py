@@ -56,11 +56,11 @@ def compute_floor(config, depths: list[int], counts: dict) -> float:
     """The cached sweep's FLOPs over the plain sweep's, for trials of these unfreeze depths: the ratio left if
     process starts, data reading and checkpoints cost nothing and a FLOP took the same time in every layer."""
     cached = plain = 0.0
-    for depth in depths:
+    for depth in set(depths):  # one model per depth: a real-width VGG16 takes a while to build
         model = GenderNet(config.model, unfreeze_depth=depth)
-        plain += epoch_flops(model, config.data.image_size, counts)
+        plain += depths.count(depth) * epoch_flops(model, config.data.image_size, counts)
         model.set_input_blocks(NUM_BLOCKS - depth)
-        cached += epoch_flops(model, config.data.image_size, counts)
+        cached += depths.count(depth) * epoch_flops(model, config.data.image_size, counts)
     return cached / plain
 
 
